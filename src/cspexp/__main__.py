@@ -1,0 +1,3 @@
+from cspexp.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""`python -m cspexp`: the Hydra entry point.
+
+The config directory is passed to Hydra as an absolute path computed from this file: a relative
+``config_path`` is resolved against the *module* under ``python -m`` and breaks (framework.md, H1).
+
+User errors end in one line on stderr and a non-zero exit, never a traceback:
+- config composition (unknown key, unknown group option) is checked by `preflight` before Hydra
+  starts, so the message can say what *is* allowed;
+- bad values and missing paths raise `CspexpError` inside the run, which is reported the same way
+  and leaves an ``error.json`` (never a ``results.json``) in the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from cspexp.outputs.files import write_json_atomic
+from cspexp.utils.errors import CspexpError
+
+log = logging.getLogger("cspexp")
+
+EXIT_USAGE = 2
+
+
+def find_conf_dir() -> Path:
+    """``$CSPEXP_CONFIG_DIR`` if set, else ``conf/`` of the checkout this package is installed from."""
+    env = os.environ.get("CSPEXP_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "eval.yaml").is_file():
+        sys.stderr.write(
+            f"error: cspexp's configs were not found at {path}; install from a clone with `pip install -e .` "
+            "or set CSPEXP_CONFIG_DIR to the repository's conf/ directory\n"
+        )
+        sys.exit(EXIT_USAGE)
+    return path
+
+
+CONF_DIR = find_conf_dir()
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(EXIT_USAGE)
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close the W&B run of this job, marked failed when `exit_code` ≠ 0 (Lightning's own finalize
+    does not mark failures: framework.md W2)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=exit_code)
+
+
+def write_error(out_dir: Path, exc: BaseException) -> None:
+    try:
+        write_json_atomic(
+            out_dir / "error.json",
+            {
+                "error": type(exc).__name__,
+                "message": str(exc),
+                "user_error": isinstance(exc, CspexpError),
+                "traceback": "".join(traceback.format_exception(exc)),
+            },
+        )
+    except OSError:
+        pass  # reporting the original error matters more than the error file
+
+
+def run_task(cfg: DictConfig, task):
+    """Run `task(cfg)` with the failure handling every entry point shares."""
+    out_dir = Path(cfg.paths.output_dir)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        result = task(cfg)
+    except CspexpError as exc:
+        write_error(out_dir, exc)
+        finish_wandb(1)
+        if multirun:
+            raise  # Hydra records the failed job and goes on with the others
+        fail(str(exc))
+    except BaseException as exc:
+        write_error(out_dir, exc)
+        finish_wandb(1)
+        raise
+    finish_wandb(0)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def eval_main(cfg: DictConfig):
+    from cspexp.evaluate import evaluate
+    from cspexp.outputs.table import print_summary
+
+    results = run_task(cfg, evaluate)
+    if cfg.get("print_table", True):
+        print_summary(results)
+    return results["metrics"]["giou"]
+
+
+def main() -> None:
+    from cspexp.utils.preflight import preflight
+
+    # Lightning 2.6 on torch 2.13 warns about its own pytree use at every start; not actionable here.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+    preflight(CONF_DIR, "eval", sys.argv[1:])
+    eval_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`evaluate(cfg)`: one Pareto point — build, run, measure, write. The CLI, tests and sweeps call it.
+
+Order matters for fast failure: the pruning method is built and validated against the model's
+shape *before* the model loads, so a bad schedule costs a second, not a checkpoint load.
+Outputs are written only after everything succeeded, `results.json` last: its existence means the
+run is complete (a resumed sweep relies on that).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from cspexp.data import build_dataset, vocabulary
+from cspexp.lit.eval_module import EvalModule
+from cspexp.models.factory import model_shape
+from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic
+from cspexp.outputs.results import build_results
+from cspexp.utils.instantiate import build
+
+log = logging.getLogger(__name__)
+
+
+def build_logger(cfg: DictConfig):
+    """The Lightning logger of `cfg.logger`, or None for ``logger=none``."""
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return None
+    return build(cfg.logger)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the configured evaluation and write `samples.jsonl` and `results.json` to
+    ``cfg.paths.output_dir``. Returns the results dict."""
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    method = build(cfg.prune)
+    shape = model_shape(cfg.model)
+    if shape is not None:
+        method.validate(*shape)
+    dataset = build_dataset(cfg.dataset)
+    loaded = build(cfg.model, words=vocabulary(dataset))
+    if shape is None:
+        method.validate(loaded.model.num_layers, loaded.model.n_image_tokens)
+
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.dataset.batch_size,
+        shuffle=False,
+        num_workers=cfg.dataset.num_workers,
+        collate_fn=loaded.processor.collate,
+    )
+    logger = build_logger(cfg)
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build(cfg.trainer, logger=logger if logger is not None else False)
+    module = EvalModule(loaded, method, build(cfg.metrics))
+    trainer.test(module, dataloaders=loader, verbose=False)
+
+    records = sorted(module.records, key=lambda r: r["idx"])
+    metrics = {k: float(v) for k, v in module.metric.compute().items()}
+    results = build_results(
+        cfg=cfg,
+        method_info=method.describe(),
+        model_name=loaded.name,
+        model_dims=loaded.dims(),
+        metrics=metrics,
+        records=records,
+    )
+    write_jsonl_atomic(out_dir / "samples.jsonl", records)
+    write_json_atomic(out_dir / "results.json", results)
+    (out_dir / "error.json").unlink(missing_ok=True)  # left by an earlier failed attempt in this dir
+    if logger is not None:
+        summary = {"giou": results["metrics"]["giou"], "ciou": results["metrics"]["ciou"], "n_samples": len(records),
+                   "avg_image_tokens_per_layer": results["tokens"]["avg_image_per_layer"]}
+        logger.experiment.summary.update(summary)
+    log.info("results written to %s", out_dir / "results.json")
+    return results

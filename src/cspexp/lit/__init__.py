@@ -1,0 +1,1 @@
+"""Lightning modules: the evaluation loop."""

@@ -1,0 +1,1 @@
+"""Models: LisaModel (transformers parts + LISA glue), tokenizers, prompts, builders and loaders."""

@@ -1,0 +1,178 @@
+"""Builders for `LisaModel`: each `conf/model/*.yaml` names one of these functions as its `_target_`.
+
+Every builder returns a `LoadedModel` (the model, its processor and the facts the rest of the run
+reports). `random_lisa` makes a small random-weight LISA from sizes in the config — for tests and
+development; no file is read and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
+from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+from cspexp.models.lisa import LisaModel, text_hidden_fcs
+from cspexp.models.processor import LisaProcessor
+from cspexp.models.tokenizer import build_word_tokenizer
+from cspexp.utils.errors import ConfigError, require
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: LisaModel
+    processor: LisaProcessor
+    name: str
+
+    def dims(self) -> dict:
+        cfg = self.model.llm.config
+        return {
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "n_image_tokens": self.model.n_image_tokens,
+        }
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not allowed; use one of {sorted(set(DTYPES))}")
+    return DTYPES[name]
+
+
+def vision_config(vision: dict, attn_implementation: str) -> CLIPVisionConfig:
+    cfg = CLIPVisionConfig(
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        hidden_size=vision["hidden_size"],
+        intermediate_size=vision["intermediate_size"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        num_attention_heads=vision["num_attention_heads"],
+        hidden_act=vision.get("hidden_act", "quick_gelu"),
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def llm_config(llm: dict, vocab_size: int, pad_token_id: int, attn_implementation: str) -> LlamaConfig:
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=llm["hidden_size"],
+        intermediate_size=llm["intermediate_size"],
+        num_hidden_layers=llm["num_hidden_layers"],
+        num_attention_heads=llm["num_attention_heads"],
+        num_key_value_heads=llm.get("num_key_value_heads", llm["num_attention_heads"]),
+        max_position_embeddings=llm.get("max_position_embeddings", 2048),
+        rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def sam_config(sam: dict) -> SamConfig:
+    """A SAM whose image embedding is (image_size / patch_size)² and whose prompt width is `prompt_dim`."""
+    prompt_dim = sam["prompt_dim"]
+    vision = SamVisionConfig(
+        hidden_size=sam["hidden_size"],
+        output_channels=prompt_dim,
+        num_hidden_layers=sam["num_hidden_layers"],
+        num_attention_heads=sam["num_attention_heads"],
+        image_size=sam["image_size"],
+        patch_size=sam["patch_size"],
+        window_size=sam["window_size"],
+        global_attn_indexes=list(sam["global_attn_indexes"]),
+        num_pos_feats=prompt_dim // 2,
+        mlp_dim=sam.get("mlp_dim"),
+    )
+    prompt_encoder = SamPromptEncoderConfig(
+        hidden_size=prompt_dim, image_size=sam["image_size"], patch_size=sam["patch_size"]
+    )
+    mask_decoder = SamMaskDecoderConfig(
+        hidden_size=prompt_dim,
+        mlp_dim=sam["mask_decoder_mlp_dim"],
+        num_attention_heads=sam["mask_decoder_heads"],
+        iou_head_hidden_dim=sam.get("iou_head_hidden_dim", prompt_dim),
+    )
+    return SamConfig(
+        vision_config=vision.to_dict(),
+        prompt_encoder_config=prompt_encoder.to_dict(),
+        mask_decoder_config=mask_decoder.to_dict(),
+    )
+
+
+def assemble(
+    *,
+    vision: dict,
+    llm: dict,
+    sam: dict,
+    tokenizer,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seg_query: str = "before",
+) -> LisaModel:
+    """A LisaModel with freshly initialised weights of the given sizes (loaders then fill them)."""
+    require(attn_implementation in ("sdpa", "eager"), f"model.attn_implementation={attn_implementation!r} is not allowed; use 'sdpa' or 'eager'")
+    require(seg_query in ("before", "at"), f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
+    grid = vision["image_size"] // vision["patch_size"]
+    require(grid * vision["patch_size"] == vision["image_size"], "model.vision.image_size must be a multiple of patch_size")
+    require(sam["image_size"] % sam["patch_size"] == 0, "model.sam.image_size must be a multiple of patch_size")
+    llm_cfg = llm_config(llm, len(tokenizer), tokenizer.pad_token_id, attn_implementation)
+    model = LisaModel(
+        vision_tower=CLIPVisionModel(vision_config(vision, attn_implementation)),
+        mm_projector=nn.Linear(vision["hidden_size"], llm["hidden_size"]),
+        llm=LlamaForCausalLM(llm_cfg),
+        sam=SamModel(sam_config(sam)),
+        text_hidden_fcs=text_hidden_fcs(llm["hidden_size"], sam["prompt_dim"]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        seg_token_id=tokenizer.convert_tokens_to_ids("[SEG]"),
+        vision_select_layer=vision.get("select_layer", -2),
+        seg_query=seg_query,
+    )
+    return model.to(resolve_dtype(dtype)).eval()
+
+
+def random_lisa(
+    *,
+    name: str = "tiny_random",
+    seed: int = 0,
+    vision: dict,
+    llm: dict,
+    sam: dict,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seg_query: str = "before",
+    words: Iterable[str] = (),
+    **_ignored,
+) -> LoadedModel:
+    """A random-weight LISA of the configured sizes, with a word-level tokenizer over `words`
+    (the dataset's query vocabulary; unknown words map to ``<unk>``)."""
+    tokenizer = build_word_tokenizer(words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = assemble(
+            vision=vision, llm=llm, sam=sam, tokenizer=tokenizer, dtype=dtype,
+            attn_implementation=attn_implementation, seg_query=seg_query,
+        )
+    processor = LisaProcessor(tokenizer=tokenizer, clip_size=vision["image_size"], sam_size=sam["image_size"])
+    return LoadedModel(model=model, processor=processor, name=name)
+
+
+def model_shape(cfg) -> tuple[int, int] | None:
+    """(LLM layers, image tokens) read from a model config without loading weights, so that pruning
+    schedules are validated before a slow load; None when only the checkpoint can tell."""
+    try:
+        vision, llm = cfg["vision"], cfg["llm"]
+        side = int(vision["image_size"]) // int(vision["patch_size"])
+        return int(llm["num_hidden_layers"]), side * side
+    except (KeyError, TypeError):
+        return None

@@ -1,0 +1,209 @@
+"""LisaModel: LISA (Lai et al., CVPR 2024) assembled from maintained transformers classes.
+
+    image ──CLIPVisionModel (layer −2, patch tokens)──► mm_projector ──► N image tokens ─┐
+    prompt ids ──embed_tokens──► [system …, <image>, text …] ──splice─────────────────────┴─► LLaMA layers
+    LLaMA final hidden state of the query token (the one before [SEG]) ──text_hidden_fcs──► SAM prompt
+    image ──SAM vision encoder──► image embedding ──SAM mask decoder(prompt)──► mask logits
+
+The decoder layers are *not* run here: `cspexp.pruning.engine` owns the layer loop so that pruning
+methods can act between layers. This module only provides the pieces before and after that loop,
+with the module names of LISA's checkpoints (``mm_projector``, ``text_hidden_fcs.0.{0,2}``) so that
+real weights map onto it one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel, LlamaForCausalLM, SamModel
+
+# Token kinds in the LLM sequence (TokenState.kind). Padding is a kind so that one tensor says
+# both what a token is and whether it takes part.
+SYSTEM, IMAGE, TEXT, PAD = 0, 1, 2, 3
+KIND_NAMES = {SYSTEM: "system", IMAGE: "image", TEXT: "text", PAD: "pad"}
+
+
+@dataclass
+class PromptEmbeds:
+    """The LLM input after the image tokens replaced the ``<image>`` placeholder. All [B, n]."""
+
+    embeds: torch.Tensor  # [B, n, d]
+    pos: torch.Tensor  # [B, n] position ids (0..n-1, padding included, as LlamaModel numbers them)
+    kind: torch.Tensor  # [B, n] SYSTEM / IMAGE / TEXT / PAD
+    grid: torch.Tensor  # [B, n] raster index in the image-token grid, −1 for non-image tokens
+    query_pos: torch.Tensor  # [B] position of the token whose final state becomes the [SEG] embedding
+
+
+def text_hidden_fcs(in_dim: int, out_dim: int) -> nn.ModuleList:
+    """LISA's projection of the LLM state into SAM's prompt space (keys ``text_hidden_fcs.0.{0,2}``)."""
+    return nn.ModuleList(
+        [nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim), nn.Dropout(0.0))]
+    )
+
+
+class LisaModel(nn.Module):
+    """LISA's modules; see the module docstring for the data flow.
+
+    Args:
+        vision_tower: CLIP vision encoder; features are read from ``hidden_states[vision_select_layer]``.
+        mm_projector: vision width → LLM width (LISA v1: one Linear).
+        llm: the LLaMA language model; its decoder layers are run by the pruning engine.
+        sam: SAM; its vision encoder, prompt encoder and mask decoder are used.
+        text_hidden_fcs: LLM width → SAM prompt width.
+        image_token_id: id of the ``<image>`` placeholder in the prompt ids.
+        seg_token_id: id of ``[SEG]``.
+        seg_query: ``before`` (LISA: the state of the token just before ``[SEG]``) or ``at`` (``[SEG]`` itself).
+    """
+
+    def __init__(
+        self,
+        vision_tower: CLIPVisionModel,
+        mm_projector: nn.Module,
+        llm: LlamaForCausalLM,
+        sam: SamModel,
+        text_hidden_fcs: nn.ModuleList,
+        *,
+        image_token_id: int,
+        seg_token_id: int,
+        vision_select_layer: int = -2,
+        seg_query: str = "before",
+    ) -> None:
+        super().__init__()
+        if seg_query not in ("before", "at"):
+            raise ValueError(f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
+        self.vision_tower = vision_tower
+        self.mm_projector = mm_projector
+        self.llm = llm
+        self.sam = sam
+        self.text_hidden_fcs = text_hidden_fcs
+        self.image_token_id = image_token_id
+        self.seg_token_id = seg_token_id
+        self.vision_select_layer = vision_select_layer
+        self.seg_query = seg_query
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, cols) of the image-token grid (16×16 for CLIP-L/14 at 224 px)."""
+        cfg = self.vision_tower.config
+        side = cfg.image_size // cfg.patch_size
+        return side, side
+
+    @property
+    def n_image_tokens(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    @property
+    def num_layers(self) -> int:
+        return self.llm.config.num_hidden_layers
+
+    @property
+    def decoder(self):
+        """The LlamaModel (embeddings, layers, final norm, rotary embedding)."""
+        return self.llm.model
+
+    # ------------------------------------------------------------------ vision
+    def encode_image(self, clip_pixels: torch.Tensor, output_cls_attention: bool = False):
+        """CLIP patch features at the select layer, projected to the LLM width.
+
+        Returns ``(tokens [B, N, d_llm], cls_attention [B, N] or None)``. The CLS attention is the
+        attention of the [CLS] query to the patch keys in the layer that produced the features,
+        averaged over heads (used by csp's ``cls_attn`` clustering).
+        """
+        out = self.vision_tower(
+            pixel_values=clip_pixels.to(self.vision_tower.dtype),
+            output_hidden_states=True,
+            output_attentions=output_cls_attention,
+        )
+        feats = out.hidden_states[self.vision_select_layer][:, 1:]  # drop CLS: [B, N, d_vis]
+        tokens = self.mm_projector(feats)
+        cls_attn = None
+        if output_cls_attention:
+            # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings), so
+            # the layer that made the features is attentions[s] for s < 0 and attentions[s-1] for s > 0.
+            s = self.vision_select_layer
+            attn = out.attentions[s if s < 0 else s - 1]
+            if attn is None:
+                raise RuntimeError("CLS attention needs the vision tower in eager attention")
+            cls_attn = attn[:, :, 0, 1:].mean(dim=1)  # [B, N]
+        return tokens, cls_attn
+
+    # ------------------------------------------------------------------ prompt
+    def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> PromptEmbeds:
+        """Replace each row's single ``<image>`` placeholder by its N image tokens.
+
+        Rows are right-padded (LISA's collate); the result has n = L − 1 + N columns for every row.
+        """
+        B, L = input_ids.shape
+        N = image_tokens.shape[1]
+        is_img = input_ids == self.image_token_id
+        if not torch.all(is_img.sum(1) == 1):
+            raise ValueError("every prompt must contain exactly one <image> placeholder")
+        if not torch.all((input_ids == self.seg_token_id).any(1)):
+            raise ValueError("every prompt must contain the [SEG] token (teacher-forced answer)")
+        img_at = is_img.float().argmax(1)  # [B]
+        safe_ids = input_ids.masked_fill(is_img, 0)
+        text_embeds = self.decoder.embed_tokens(safe_ids)  # [B, L, d]
+        n = L - 1 + N
+        device = input_ids.device
+        col = torch.arange(n, device=device).expand(B, n)  # column in the spliced sequence
+        start = img_at[:, None]
+        in_img = (col >= start) & (col < start + N)
+        # Source column in the text row for non-image columns (skips the placeholder).
+        src = torch.where(col < start, col, col - N + 1).clamp(0, L - 1)
+        embeds = torch.gather(text_embeds, 1, src[..., None].expand(B, n, text_embeds.shape[-1]))
+        img_idx = (col - start).clamp(0, N - 1)
+        img_embeds = torch.gather(image_tokens.to(embeds.dtype), 1, img_idx[..., None].expand(B, n, embeds.shape[-1]))
+        embeds = torch.where(in_img[..., None], img_embeds, embeds)
+
+        valid = torch.gather(attention_mask.bool(), 1, src) | in_img
+        kind = torch.full((B, n), TEXT, dtype=torch.long, device=device)
+        kind = kind.masked_fill(col < start, SYSTEM).masked_fill(in_img, IMAGE).masked_fill(~valid, PAD)
+        grid = torch.where(in_img, img_idx, torch.full_like(img_idx, -1))
+
+        seg_col_text = (input_ids == self.seg_token_id).float().argmax(1)  # first [SEG] in the text row
+        seg_col = seg_col_text + N - 1
+        query_pos = seg_col - 1 if self.seg_query == "before" else seg_col
+        return PromptEmbeds(embeds=embeds, pos=col.clone(), kind=kind, grid=grid, query_pos=query_pos)
+
+    # ------------------------------------------------------------------ SAM
+    def image_embeddings(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+        """SAM image embedding [B, C, h, w]. SAM's encoder is frozen in LISA, so no gradient."""
+        with torch.no_grad():
+            return self.sam.vision_encoder(sam_pixels.to(self.sam.dtype))[0]
+
+    def seg_embedding(self, query_hidden: torch.Tensor) -> torch.Tensor:
+        """Final LLM state of the query token [B, d] → SAM prompt embedding [B, C]."""
+        return self.text_hidden_fcs[0](query_hidden)
+
+    def decode_masks(self, image_embeddings: torch.Tensor, seg_embeds: torch.Tensor) -> torch.Tensor:
+        """SAM's mask decoder with the [SEG] embedding as its only sparse prompt (LISA's ``text_embeds``).
+
+        ``SamModel.forward`` has no argument for a custom sparse embedding, so the decoder is called
+        directly. Returns low-resolution logits [B, h', w'] (single-mask output).
+        """
+        B, _, h, w = image_embeddings.shape
+        sparse = seg_embeds[:, None, None, :].to(image_embeddings.dtype)  # [B, point_batch=1, tokens=1, C]
+        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
+        pe = self.sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
+        masks, _iou = self.sam.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return masks[:, 0, 0]
+
+    def postprocess_masks(self, low_res: torch.Tensor, resized_hw, original_hw) -> torch.Tensor:
+        """LISA's ``postprocess_masks`` for one sample: upsample to SAM's input size, crop the padding,
+        resize to the original image size. float32 as in LISA. Returns logits [H, W]."""
+        size = self.sam.config.vision_config.image_size
+        x = F.interpolate(low_res[None, None].float(), (size, size), mode="bilinear", align_corners=False)
+        x = x[..., : int(resized_hw[0]), : int(resized_hw[1])]
+        x = F.interpolate(x, (int(original_hw[0]), int(original_hw[1])), mode="bilinear", align_corners=False)
+        return x[0, 0]

@@ -1,0 +1,100 @@
+"""LISA's preprocessing: the CLIP branch, the SAM branch, the prompt, and batch collation.
+
+- CLIP branch (``CLIPImageProcessor`` of ``openai/clip-vit-large-patch14``): shortest side → 224 with
+  bicubic resampling, centre crop 224×224, scale to [0, 1], CLIP mean/std.
+- SAM branch (LISA's ``ResizeLongestSide`` + ``Sam.preprocess``): longest side → 1024 with
+  ``int(x·scale + 0.5)`` rounding and bilinear resampling, normalise on the 0–255 scale with SAM's
+  mean/std, zero-pad bottom/right to a square.
+Sizes come from the model's configs, so the tiny models use the same code at their own sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cspexp.models import prompt as lisa_prompt
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+
+def clip_preprocess(image: np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 [H, W, 3] → float [3, size, size]."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    pil = Image.fromarray(image)
+    if (new_h, new_w) != (h, w):
+        pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    arr = np.asarray(pil, dtype=np.float32)[top : top + size, left : left + size] / 255.0
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def sam_resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """``ResizeLongestSide.get_preprocess_shape``."""
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def sam_preprocess(image: np.ndarray, size: int, mean=SAM_MEAN, std=SAM_STD) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 [H, W, 3] → (float [3, size, size], (resized_h, resized_w))."""
+    h, w = image.shape[:2]
+    new_h, new_w = sam_resized_shape(h, w, size)
+    pil = Image.fromarray(image)
+    if (new_h, new_w) != (h, w):
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    arr = np.asarray(pil, dtype=np.float32)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    out = np.zeros((size, size, 3), dtype=np.float32)
+    out[:new_h, :new_w] = arr
+    return torch.from_numpy(out.transpose(2, 0, 1).copy()), (new_h, new_w)
+
+
+@dataclass
+class LisaProcessor:
+    """Turns dataset items into model batches. `collate` is the DataLoader's ``collate_fn``."""
+
+    tokenizer: object  # a transformers tokenizer holding <image> and [SEG]
+    clip_size: int
+    sam_size: int
+
+    def __post_init__(self) -> None:
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(lisa_prompt.IMAGE_TOKEN)
+        self.seg_token_id = self.tokenizer.convert_tokens_to_ids(lisa_prompt.SEG_TOKEN)
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    def encode_prompt(self, query: str, is_sentence: bool) -> list[int]:
+        """Token ids of LISA's evaluation prompt (one ``<image>`` placeholder, answer ``[SEG].``)."""
+        return self.tokenizer(lisa_prompt.lisa_prompt(query, is_sentence))["input_ids"]
+
+    def collate(self, items: Sequence[dict]) -> dict:
+        ids = [self.encode_prompt(it["query"], bool(it.get("is_sentence", False))) for it in items]
+        length = max(len(x) for x in ids)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, row in enumerate(ids):  # right padding, as LISA's collate_fn
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        sam = [sam_preprocess(it["image"], self.sam_size) for it in items]
+        return {
+            "idx": torch.tensor([int(it["idx"]) for it in items], dtype=torch.long),
+            "clip_pixels": torch.stack([clip_preprocess(it["image"], self.clip_size) for it in items]),
+            "sam_pixels": torch.stack([s[0] for s in sam]),
+            "resized_hw": torch.tensor([s[1] for s in sam], dtype=torch.long),
+            "original_hw": torch.tensor([it["image"].shape[:2] for it in items], dtype=torch.long),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "gt_masks": [torch.from_numpy(np.asarray(it["mask"], dtype=np.uint8)) for it in items],
+            "images": [it["image"] for it in items],
+            "queries": [it["query"] for it in items],
+            "query_kinds": [it.get("query_kind") for it in items],
+        }

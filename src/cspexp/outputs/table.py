@@ -1,0 +1,32 @@
+"""The summary table printed at the end of a run."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def summary_table(results: dict) -> Table:
+    table = Table(title=f"cspexp · {results['model']} · {results['dataset']['name']}/{results['dataset']['split']}")
+    for col in ("method", "keep", "n", "gIoU", "cIoU", "img tok/layer", "img-FLOPs red.", "latency ms"):
+        table.add_column(col, justify="right" if col not in ("method",) else "left")
+    red = results["flops"].get("reduction_image")
+    table.add_row(
+        results["method"],
+        _fmt(results["prune"].get("keep"), ".2f"),
+        str(results["n_samples"]),
+        _fmt(results["metrics"]["giou"]),
+        _fmt(results["metrics"]["ciou"]),
+        _fmt(results["tokens"]["avg_image_per_layer"], ".1f"),
+        "—" if red is None else f"{100 * red:.1f} %",
+        _fmt(results["latency_ms"]["end_to_end"], ".1f"),
+    )
+    return table
+
+
+def print_summary(results: dict, console: Console | None = None) -> None:
+    (console or Console()).print(summary_table(results))

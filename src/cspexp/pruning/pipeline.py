@@ -1,0 +1,56 @@
+"""Image + prompt → masks: LISA's teacher-forced evaluation pass with a pruning method in the LLM.
+
+One prefill per sample, like LISA's ``validate()``: the answer ``[SEG].`` is already in the prompt and
+the [SEG] embedding is the final hidden state of the query token (by default the token before
+``[SEG]``, LISA's one-token offset). Text tokens are never pruned, so the query token is found by its
+original position whatever the method removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cspexp.models.lisa import LisaModel
+from cspexp.pruning.engine import DecoderLoop, TokenState, Trace
+from cspexp.pruning.methods.base import PruningContext, PruningMethod
+
+
+@dataclass
+class SegmentOutput:
+    logits: list[torch.Tensor]  # per sample, mask logits [H, W] at the original image size
+    masks: list[torch.Tensor]  # per sample, bool [H, W] (logits > 0)
+    trace: Trace
+    seg_embeds: torch.Tensor  # [B, C] the SAM prompt embeddings
+
+
+def run_llm(model: LisaModel, batch: dict, method: PruningMethod) -> tuple[TokenState, torch.Tensor]:
+    """Vision tower → splice → pruned decoder loop. Returns the final state and the query states [B, d]."""
+    image_tokens, cls_attn = model.encode_image(batch["clip_pixels"], output_cls_attention=method.needs_cls_attention)
+    prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+    loop = DecoderLoop(model.decoder)
+    state = TokenState.from_prompt(prompt, loop.num_layers)
+    ctx = PruningContext(
+        layers=model.decoder.layers,
+        rotary_emb=model.decoder.rotary_emb,
+        grid_size=model.grid_size,
+        cls_attention=cls_attn,
+        images=batch.get("images"),
+    )
+    state = loop.run(state, method, ctx)
+    cols = state.columns_of(state.query_pos)
+    query_hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
+    return state, query_hidden
+
+
+def segment(model: LisaModel, batch: dict, method: PruningMethod) -> SegmentOutput:
+    """The whole pass for a collated batch (see `LisaProcessor.collate` for its keys)."""
+    state, query_hidden = run_llm(model, batch, method)
+    seg_embeds = model.seg_embedding(query_hidden)
+    low_res = model.decode_masks(model.image_embeddings(batch["sam_pixels"]), seg_embeds)
+    logits = [
+        model.postprocess_masks(low_res[i], batch["resized_hw"][i], batch["original_hw"][i])
+        for i in range(low_res.shape[0])
+    ]
+    return SegmentOutput(logits=logits, masks=[lg > 0 for lg in logits], trace=state.trace, seg_embeds=seg_embeds)

@@ -1,0 +1,19 @@
+"""Errors a user can fix: they are reported as one line, never as a traceback."""
+
+
+class CspexpError(Exception):
+    """Base of every error that is the user's input, not a bug: bad config value, missing path."""
+
+
+class ConfigError(CspexpError, ValueError):
+    """A config value is outside what is allowed. The message names the key and the allowed values."""
+
+
+class MissingPathError(CspexpError, FileNotFoundError):
+    """A path given in the config (model dir, dataset root, ...) does not exist."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a ConfigError with `message` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)

@@ -1,0 +1,109 @@
+"""Check the command-line overrides before Hydra runs, and explain a bad one in one line.
+
+Hydra's own messages for an unknown key or group option span several lines and do not say what is
+allowed. Composing the config once up front (sweep overrides reduced to their first value) catches
+the same errors; the message then names the key and lists what exists there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Flags after which the remaining arguments are not plain overrides: leave those runs to Hydra.
+HYDRA_FLAGS = {
+    "--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run", "-r",
+    "--info", "-i", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+    "--shell-completion", "-sc", "--experimental-rerun",
+}
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def _first_values(overrides: list[str]) -> list:
+    """Parsed overrides, each sweep (``a=1,2``, ``choice(..)``, ``range(..)``) reduced to its first value."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    out = []
+    for o in parsed:
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()))
+            o = OverridesParser.create().parse_override(f"{o.get_key_element()}={first}")
+        out.append(o)
+    return out
+
+
+def _explain(cfg: DictConfig, group_options, override) -> str | None:
+    """A one-line explanation if `override` does not fit `cfg` (composed without the overrides)."""
+    if override.is_add() or override.is_delete() or override.is_force_add():
+        return None
+    key = override.key_or_group
+    if key.startswith("hydra") or override.package:
+        return None
+    options = group_options(key)
+    if options:
+        value = override.value()
+        if isinstance(value, str) and value not in options:
+            return f"{key}={value} is not a known option of '{key}'; choose one of: {', '.join(options)}"
+        return None
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if isinstance(parent, DictConfig) and leaf not in parent:
+        where = f"'{parent_key}'" if parent_key else "the top level"
+        known = ", ".join(str(k) for k in parent.keys() if not str(k).startswith("_"))
+        return f"unknown config key '{key}' ({where} has: {known}); to add a new key write +{key}=..."
+    if parent is None and parent_key:
+        return f"unknown config key '{key}': there is no '{parent_key}' in the config"
+    return None
+
+
+def preflight(conf_dir: Path, config_name: str, argv: list[str]) -> None:
+    """Exit with one error line (status 2) if the overrides in `argv` do not compose."""
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
+        return
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    try:
+        parsed = _first_values(overrides)
+    except HydraException as exc:
+        _exit(f"cannot parse the overrides: {_one_line(exc)}")
+    plain = [o.input_line for o in parsed]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            try:
+                compose(config_name=config_name, overrides=plain)
+                return
+            except (HydraException, OmegaConfBaseException) as exc:
+                error = exc
+            # Find the culprit against the config composed without user overrides (experiment
+            # selections kept: they may legitimately add keys).
+            base_overrides = [o.input_line for o in parsed if o.key_or_group in ("experiment",)]
+            try:
+                base = compose(config_name=config_name, overrides=base_overrides)
+            except (HydraException, OmegaConfBaseException):
+                base = None
+            loader = GlobalHydra.instance().config_loader()
+            for o in parsed:
+                msg = _explain(base, lambda g: loader.get_group_options(g), o) if base is not None else None
+                if msg:
+                    _exit(msg)
+            _exit(_one_line(error))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _one_line(exc: BaseException) -> str:
+    parts = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # Hydra appends the search path and a HYDRA_FULL_ERROR hint: noise for this message.
+    parts = [p for p in parts if not p.startswith(("Config search path", "provider=", "Set the environment"))]
+    return "; ".join(parts)
+
+
+def _exit(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)

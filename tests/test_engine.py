@@ -1,0 +1,102 @@
+"""The decoder loop against transformers' own `LlamaModel.forward` (the independent reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaModel
+
+from cspexp.models.factory import llm_config
+from cspexp.models.lisa import IMAGE, PAD, SYSTEM, TEXT, PromptEmbeds
+from cspexp.pruning.engine import DecoderLoop, TokenState, attention_mask
+from cspexp.pruning.methods import NoPruning, PruningContext
+
+N_LAYERS = 8
+N_IMAGE = 16
+
+
+def tiny_llama(attn: str) -> LlamaModel:
+    torch.manual_seed(0)
+    cfg = llm_config(
+        {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": N_LAYERS, "num_attention_heads": 4,
+         "num_key_value_heads": 2},
+        vocab_size=50, pad_token_id=0, attn_implementation=attn,
+    )
+    return LlamaModel(cfg).eval()
+
+
+def prompt_batch(lengths: list[int], d: int = 64, n_sys: int = 5, n_image: int = N_IMAGE) -> tuple[PromptEmbeds, torch.Tensor]:
+    """Random embeddings laid out like LISA's: system, image block, text; right padding."""
+    torch.manual_seed(1)
+    B, n = len(lengths), max(lengths)
+    embeds = torch.randn(B, n, d)
+    attn = torch.zeros(B, n, dtype=torch.long)
+    kind = torch.full((B, n), TEXT)
+    grid = torch.full((B, n), -1)
+    for b, length in enumerate(lengths):
+        attn[b, :length] = 1
+        kind[b, :n_sys] = SYSTEM
+        kind[b, n_sys : n_sys + n_image] = IMAGE
+        grid[b, n_sys : n_sys + n_image] = torch.arange(n_image)
+        kind[b, length:] = PAD
+    pos = torch.arange(n).expand(B, n).clone()
+    query = torch.tensor(lengths) - 3
+    return PromptEmbeds(embeds=embeds, pos=pos, kind=kind, grid=grid, query_pos=query), attn
+
+
+def ctx_for(model: LlamaModel) -> PruningContext:
+    return PruningContext(layers=model.layers, rotary_emb=model.rotary_emb, grid_size=(4, 4))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("lengths", [[40], [40, 33, 37]], ids=["batch1", "padded_batch3"])
+def test_loop_equals_llama_forward(attn, lengths):
+    model = tiny_llama(attn)
+    prompt, attn_mask = prompt_batch(lengths)
+    with torch.no_grad():
+        reference = model(inputs_embeds=prompt.embeds, attention_mask=attn_mask).last_hidden_state
+        state = TokenState.from_prompt(prompt, N_LAYERS)
+        out = DecoderLoop(model).run(state, NoPruning(), ctx_for(model)).hidden
+    valid = attn_mask.bool()
+    assert out.shape == reference.shape
+    diff = (out - reference).abs()[valid].max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_trace_counts_every_layer():
+    model = tiny_llama("sdpa")
+    prompt, _ = prompt_batch([40, 33, 37])
+    with torch.no_grad():
+        state = DecoderLoop(model).run(TokenState.from_prompt(prompt, N_LAYERS), NoPruning(), ctx_for(model))
+    assert state.trace.image_per_layer.tolist() == [[N_IMAGE] * N_LAYERS] * 3
+    assert state.trace.tokens_per_layer.tolist() == [[40] * N_LAYERS, [33] * N_LAYERS, [37] * N_LAYERS]
+
+
+def test_mask_is_positional_and_masks_padding():
+    prompt, _ = prompt_batch([6, 4], n_sys=1, n_image=2)
+    state = TokenState.from_prompt(prompt, 1)
+    # Pretend tokens at positions 2 and 3 were dropped: the mask must follow positions, not columns.
+    state.keep_columns(torch.tensor([[0, 1, 4, 5], [0, 1, 4, 5]]))
+    allowed = attention_mask(state, "sdpa")[:, 0]
+    expected_row0 = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(allowed[0], expected_row0)
+    # Sample 1 has length 4: columns 2 and 3 (positions 4, 5) are padding; they only see themselves
+    # as keys, and no real query sees them.
+    assert not allowed[1, :2, 2:].any()
+    assert allowed[1, 2, 2] and allowed[1, 3, 3]
+    eager = attention_mask(state, "eager")[:, 0]
+    assert torch.equal(eager == 0, allowed)
+
+
+def test_drop_and_insert_restore_position_order():
+    prompt, _ = prompt_batch([30, 30])
+    state = TokenState.from_prompt(prompt, 1)
+    before = state.hidden.clone()
+    keep = torch.zeros(2, N_IMAGE, dtype=torch.bool)
+    keep[0, ::2] = True
+    keep[1, 1::2] = True
+    dropped = state.drop_image(keep)
+    assert state.n_image == N_IMAGE // 2 and dropped.hidden.shape[1] == N_IMAGE // 2
+    assert torch.all(state.pos[:, 1:] > state.pos[:, :-1])  # still sorted by original position
+    state.insert(dropped)
+    assert torch.equal(state.pos, prompt.pos) and torch.equal(state.hidden, before)

@@ -1,0 +1,104 @@
+"""LisaModel glue against independent constructions (naive splice, transformers' own forward)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cspexp.models.lisa import IMAGE, PAD, SYSTEM, TEXT
+from cspexp.pruning.methods import NoPruning
+from cspexp.pruning.pipeline import run_llm, segment
+from cspexp.utils.instantiate import build
+
+from conftest import CONF_DIR
+
+WORDS = ["the red triangle", "the blue circle left of the green square", "which shape could roll ?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
+    return build(cfg, words=WORDS)
+
+
+def items(n: int, sizes=((224, 224),)):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        out.append({
+            "idx": i,
+            "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+            "mask": (rng.random((h, w)) > 0.5).astype(np.uint8),
+            "query": WORDS[i % len(WORDS)],
+            "is_sentence": i % 3 == 2,
+            "query_kind": "referring",
+        })
+    return out
+
+
+def test_splice_matches_naive_concatenation(tiny):
+    model, proc = tiny.model, tiny.processor
+    batch = proc.collate(items(3))
+    N = model.n_image_tokens
+    image_tokens = torch.randn(3, N, model.llm.config.hidden_size)
+    with torch.no_grad():
+        prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+        embed = model.decoder.embed_tokens
+        for b in range(3):
+            ids = batch["input_ids"][b]
+            p = int((ids == model.image_token_id).nonzero())
+            expected = torch.cat([embed(ids[:p]), image_tokens[b], embed(ids[p + 1 :])])
+            assert torch.equal(prompt.embeds[b], expected)
+            length = int(batch["attention_mask"][b].sum())
+            kinds = [SYSTEM] * p + [IMAGE] * N + [TEXT] * (length - p - 1) + [PAD] * (ids.numel() - length)
+            assert prompt.kind[b].tolist() == kinds
+            assert prompt.grid[b, p : p + N].tolist() == list(range(N))
+            seg = int((ids == model.seg_token_id).nonzero()[0])
+            assert int(prompt.query_pos[b]) == seg + N - 1 - 1  # the token before [SEG], after the splice
+
+
+def test_query_state_equals_transformers_forward(tiny):
+    """The [SEG] query state from our loop equals LlamaForCausalLM's own last hidden state at the
+    token before [SEG] (LISA's one-token offset)."""
+    model, proc = tiny.model, tiny.processor
+    batch = proc.collate(items(3))
+    with torch.no_grad():
+        _, query_hidden = run_llm(model, batch, NoPruning())
+        image_tokens, _ = model.encode_image(batch["clip_pixels"])
+        prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+        mask = (prompt.kind != PAD).long()
+        ref = model.llm(inputs_embeds=prompt.embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    for b in range(3):
+        seg_col = int((batch["input_ids"][b] == model.seg_token_id).nonzero()[0]) + model.n_image_tokens - 1
+        assert torch.allclose(query_hidden[b], ref[b, seg_col - 1], atol=1e-5)
+
+
+def test_segment_returns_masks_at_original_size(tiny):
+    model, proc = tiny.model, tiny.processor
+    batch = proc.collate(items(2, sizes=((224, 224), (180, 300))))
+    with torch.no_grad():
+        out = segment(model, batch, NoPruning())
+    assert [tuple(m.shape) for m in out.masks] == [(224, 224), (180, 300)]
+    assert all(m.dtype == torch.bool for m in out.masks)
+    assert out.seg_embeds.shape == (2, model.sam.config.prompt_encoder_config.hidden_size)
+
+
+def test_clip_and_sam_preprocessing_by_hand():
+    from cspexp.models.processor import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, clip_preprocess, sam_preprocess
+
+    img = np.zeros((224, 224, 3), dtype=np.uint8)
+    img[0, 0] = (255, 128, 0)
+    x = clip_preprocess(img, 224)  # already 224: no resize, no crop
+    assert x.shape == (3, 224, 224)
+    assert x[0, 0, 0].item() == pytest.approx((1.0 - CLIP_MEAN[0]) / CLIP_STD[0], abs=1e-6)
+    assert x[1, 0, 0].item() == pytest.approx((128 / 255 - CLIP_MEAN[1]) / CLIP_STD[1], abs=1e-6)
+    assert x[2, 5, 5].item() == pytest.approx((0 - CLIP_MEAN[2]) / CLIP_STD[2], abs=1e-6)
+
+    tall = np.full((100, 50, 3), 200, dtype=np.uint8)
+    s, (h, w) = sam_preprocess(tall, 256)  # longest side 100 → 256: scale 2.56, width int(50*2.56+0.5)=128
+    assert (h, w) == (256, 128)
+    assert s[0, 10, 10].item() == pytest.approx((200 - SAM_MEAN[0]) / SAM_STD[0], abs=1e-4)
+    assert torch.all(s[:, :, 128:] == 0)  # zero padding on the right, after normalisation
