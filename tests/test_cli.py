@@ -61,6 +61,9 @@ def test_end_to_end_run_writes_consistent_results(tmp_path):
         (["prune.keep=-0.2"], "prune.keep=-0.2 is outside (0, 1]"),
         (["dataset.split=bogus"], "dataset.split"),
         (["dataset.n=0"], "dataset.n"),
+        (["model=converted"], "model.path must be set"),
+        (["model=converted", "model.path=/nonexistent/model"], "model.path='/nonexistent/model' does not exist"),
+        (["dataset=folder", "dataset.root=/nonexistent/data"], "dataset.root='/nonexistent/data' does not exist"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_no_results(tmp_path, args, expected):

@@ -26,15 +26,21 @@ def test_every_option_composes(compose_cfg, group):
             assert cfg.model and cfg.prune and cfg.dataset
 
 
-def test_buildable_groups_instantiate(compose_cfg):
+def test_buildable_groups_instantiate(compose_cfg, tmp_path):
     from cspexp.data import build_dataset
+    from test_folder import write_folder
+
+    data_root = write_folder(tmp_path / "folder")
 
     cfg = compose_cfg("dataset.n=2")
     for option in options("prune"):
         method = instantiate(compose_cfg(f"prune={option}").prune)
         method.validate(8, 256)
     for option in options("dataset"):
-        assert len(build_dataset(compose_cfg(f"dataset={option}", "dataset.n=2").dataset)) == 2
+        overrides = [f"dataset={option}", "dataset.n=2"]
+        if option == "folder":
+            overrides.append(f"dataset.root={data_root}")
+        assert len(build_dataset(compose_cfg(*overrides).dataset)) == 2
     from cspexp.metrics import SegIoU
 
     assert isinstance(instantiate(cfg.metrics), SegIoU)

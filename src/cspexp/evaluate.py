@@ -20,6 +20,7 @@ from cspexp.lit.eval_module import EvalModule
 from cspexp.models.factory import model_shape
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic
 from cspexp.outputs.results import build_results
+from cspexp.utils.errors import ConfigError
 from cspexp.utils.instantiate import build
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,18 @@ def build_logger(cfg: DictConfig):
     return build(cfg.logger)
 
 
+def require_values(cfg: DictConfig) -> None:
+    """Mandatory keys (``???``) must be set; say which, in one line."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Run the configured evaluation and write `samples.jsonl` and `results.json` to
     ``cfg.paths.output_dir``. Returns the results dict."""
     out_dir = Path(cfg.paths.output_dir)
+    require_values(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     method = build(cfg.prune)

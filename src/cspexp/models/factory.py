@@ -112,33 +112,32 @@ def sam_config(sam: dict) -> SamConfig:
 
 def assemble(
     *,
-    vision: dict,
-    llm: dict,
-    sam: dict,
+    vision_cfg: CLIPVisionConfig,
+    llm_cfg: LlamaConfig,
+    sam_cfg: SamConfig,
     tokenizer,
-    dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    vision_select_layer: int = -2,
     seg_query: str = "before",
+    attn_implementation: str = "sdpa",
 ) -> LisaModel:
-    """A LisaModel with freshly initialised weights of the given sizes (loaders then fill them)."""
-    require(attn_implementation in ("sdpa", "eager"), f"model.attn_implementation={attn_implementation!r} is not allowed; use 'sdpa' or 'eager'")
+    """A LisaModel with freshly initialised weights of the given architecture (loaders then fill them)."""
+    require(attn_implementation in ("sdpa", "eager"),
+            f"model.attn_implementation={attn_implementation!r} is not allowed; use 'sdpa' or 'eager'")
     require(seg_query in ("before", "at"), f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
-    grid = vision["image_size"] // vision["patch_size"]
-    require(grid * vision["patch_size"] == vision["image_size"], "model.vision.image_size must be a multiple of patch_size")
-    require(sam["image_size"] % sam["patch_size"] == 0, "model.sam.image_size must be a multiple of patch_size")
-    llm_cfg = llm_config(llm, len(tokenizer), tokenizer.pad_token_id, attn_implementation)
-    model = LisaModel(
-        vision_tower=CLIPVisionModel(vision_config(vision, attn_implementation)),
-        mm_projector=nn.Linear(vision["hidden_size"], llm["hidden_size"]),
+    vision_cfg._attn_implementation = attn_implementation
+    llm_cfg._attn_implementation = attn_implementation
+    sam_prompt_dim = sam_cfg.prompt_encoder_config.hidden_size
+    return LisaModel(
+        vision_tower=CLIPVisionModel(vision_cfg),
+        mm_projector=nn.Linear(vision_cfg.hidden_size, llm_cfg.hidden_size),
         llm=LlamaForCausalLM(llm_cfg),
-        sam=SamModel(sam_config(sam)),
-        text_hidden_fcs=text_hidden_fcs(llm["hidden_size"], sam["prompt_dim"]),
+        sam=SamModel(sam_cfg),
+        text_hidden_fcs=text_hidden_fcs(llm_cfg.hidden_size, sam_prompt_dim),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         seg_token_id=tokenizer.convert_tokens_to_ids("[SEG]"),
-        vision_select_layer=vision.get("select_layer", -2),
+        vision_select_layer=vision_select_layer,
         seg_query=seg_query,
-    )
-    return model.to(resolve_dtype(dtype)).eval()
+    ).eval()
 
 
 def random_lisa(
@@ -156,13 +155,21 @@ def random_lisa(
 ) -> LoadedModel:
     """A random-weight LISA of the configured sizes, with a word-level tokenizer over `words`
     (the dataset's query vocabulary; unknown words map to ``<unk>``)."""
+    grid = vision["image_size"] // vision["patch_size"]
+    require(grid * vision["patch_size"] == vision["image_size"], "model.vision.image_size must be a multiple of patch_size")
+    require(sam["image_size"] % sam["patch_size"] == 0, "model.sam.image_size must be a multiple of patch_size")
     tokenizer = build_word_tokenizer(words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = assemble(
-            vision=vision, llm=llm, sam=sam, tokenizer=tokenizer, dtype=dtype,
-            attn_implementation=attn_implementation, seg_query=seg_query,
-        )
+            vision_cfg=vision_config(vision, attn_implementation),
+            llm_cfg=llm_config(llm, len(tokenizer), tokenizer.pad_token_id, attn_implementation),
+            sam_cfg=sam_config(sam),
+            tokenizer=tokenizer,
+            vision_select_layer=vision.get("select_layer", -2),
+            seg_query=seg_query,
+            attn_implementation=attn_implementation,
+        ).to(resolve_dtype(dtype))
     processor = LisaProcessor(tokenizer=tokenizer, clip_size=vision["image_size"], sam_size=sam["image_size"])
     return LoadedModel(model=model, processor=processor, name=name)
 
@@ -170,6 +177,10 @@ def random_lisa(
 def model_shape(cfg) -> tuple[int, int] | None:
     """(LLM layers, image tokens) read from a model config without loading weights, so that pruning
     schedules are validated before a slow load; None when only the checkpoint can tell."""
+    if cfg.get("path"):
+        from cspexp.models.saved import saved_shape  # the saved format builds on this module
+
+        return saved_shape(cfg["path"])
     try:
         vision, llm = cfg["vision"], cfg["llm"]
         side = int(vision["image_size"]) // int(vision["patch_size"])

@@ -1,0 +1,48 @@
+"""Test doubles shared by several test files."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lightning.pytorch.loggers import Logger
+
+
+class RecordingLogger(Logger):
+    """A Lightning logger that keeps what it was given (stands in for WandbLogger)."""
+
+    instances: list["RecordingLogger"] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams: dict = {}
+        self.metrics: dict = {}
+        self._experiment = SimpleNamespace(summary={})
+        RecordingLogger.instances.append(self)
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    def experiment(self):
+        return self._experiment
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self.hparams.update(params)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.update(metrics)
+
+
+class FakeRun:
+    """Stands in for `wandb.run`: records how it was finished."""
+
+    def __init__(self) -> None:
+        self.exit_codes: list[int] = []
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.exit_codes.append(exit_code)
