@@ -41,7 +41,7 @@ def prompt_batch(lengths: list[int], d: int = 64, n_sys: int = 5, n_image: int =
         kind[b, length:] = PAD
     pos = torch.arange(n).expand(B, n).clone()
     query = torch.tensor(lengths) - 3
-    return PromptEmbeds(embeds=embeds, pos=pos, kind=kind, grid=grid, query_pos=query), attn
+    return PromptEmbeds(embeds=embeds, pos=pos, kind=kind, grid=grid, query_pos=query, seg_pos=query + 1), attn
 
 
 def ctx_for(model: LlamaModel) -> PruningContext:

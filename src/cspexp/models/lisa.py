@@ -35,6 +35,7 @@ class PromptEmbeds:
     kind: torch.Tensor  # [B, n] SYSTEM / IMAGE / TEXT / PAD
     grid: torch.Tensor  # [B, n] raster index in the image-token grid, −1 for non-image tokens
     query_pos: torch.Tensor  # [B] position of the token whose final state becomes the [SEG] embedding
+    seg_pos: torch.Tensor  # [B] position of the [SEG] token itself
 
 
 def text_hidden_fcs(in_dim: int, out_dim: int) -> nn.ModuleList:
@@ -42,6 +43,18 @@ def text_hidden_fcs(in_dim: int, out_dim: int) -> nn.ModuleList:
     return nn.ModuleList(
         [nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim), nn.Dropout(0.0))]
     )
+
+
+def clip_cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
+    """Attention of [CLS] (token 0) to the patch tokens in one CLIP encoder layer, heads averaged:
+    softmax over all keys (CLS included), then the patch part. [B, 1 + N, d] → [B, N]."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(layer_input)
+    B, n, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    k = attn.k_proj(x).view(B, n, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, n, hd]
+    probs = (torch.matmul(q, k.transpose(2, 3)).float() * attn.scale).softmax(-1)  # [B, H, 1, n]
+    return probs[:, :, 0, 1:].mean(1)
 
 
 class LisaModel(nn.Module):
@@ -111,25 +124,19 @@ class LisaModel(nn.Module):
         """CLIP patch features at the select layer, projected to the LLM width.
 
         Returns ``(tokens [B, N, d_llm], cls_attention [B, N] or None)``. The CLS attention is the
-        attention of the [CLS] query to the patch keys in the layer that produced the features,
-        averaged over heads (used by csp's ``cls_attn`` clustering).
+        attention of the [CLS] query to the patch tokens in the layer that produced the features,
+        averaged over heads (csp's ``cls_attn`` clustering). It is computed from that layer's own
+        norm and q/k projections, so the tower keeps its SDPA attention.
         """
-        out = self.vision_tower(
-            pixel_values=clip_pixels.to(self.vision_tower.dtype),
-            output_hidden_states=True,
-            output_attentions=output_cls_attention,
-        )
+        out = self.vision_tower(pixel_values=clip_pixels.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.vision_select_layer][:, 1:]  # drop CLS: [B, N, d_vis]
         tokens = self.mm_projector(feats)
         cls_attn = None
         if output_cls_attention:
-            # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings), so
-            # the layer that made the features is attentions[s] for s < 0 and attentions[s-1] for s > 0.
-            s = self.vision_select_layer
-            attn = out.attentions[s if s < 0 else s - 1]
-            if attn is None:
-                raise RuntimeError("CLS attention needs the vision tower in eager attention")
-            cls_attn = attn[:, :, 0, 1:].mean(dim=1)  # [B, N]
+            # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings).
+            n_layers = len(out.hidden_states) - 1
+            s = self.vision_select_layer % (n_layers + 1)  # index into hidden_states
+            cls_attn = clip_cls_attention(self.vision_tower.encoder.layers[s - 1], out.hidden_states[s - 1])
         return tokens, cls_attn
 
     # ------------------------------------------------------------------ prompt
@@ -168,7 +175,7 @@ class LisaModel(nn.Module):
         seg_col_text = (input_ids == self.seg_token_id).float().argmax(1)  # first [SEG] in the text row
         seg_col = seg_col_text + N - 1
         query_pos = seg_col - 1 if self.seg_query == "before" else seg_col
-        return PromptEmbeds(embeds=embeds, pos=col.clone(), kind=kind, grid=grid, query_pos=query_pos)
+        return PromptEmbeds(embeds=embeds, pos=col.clone(), kind=kind, grid=grid, query_pos=query_pos, seg_pos=seg_col)
 
     # ------------------------------------------------------------------ SAM
     def image_embeddings(self, sam_pixels: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,9 @@ class Trace:
 
     image_per_layer: torch.Tensor  # [B, L] image tokens entering layer l
     tokens_per_layer: torch.Tensor  # [B, L] all non-padding tokens entering layer l
+    # Work a method did besides the layers (query-attention rows, feature assignment), one dict per
+    # event with a "kind"; accounting charges it as the method's overhead.
+    overhead: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class TokenState:
     grid: torch.Tensor  # [B, n] image-grid index, −1 for non-image tokens
     trace: Trace
     query_pos: torch.Tensor  # [B] position of the [SEG]-producing query token
+    seg_pos: torch.Tensor  # [B] position of the [SEG] token
     extras: dict[str, Any] = field(default_factory=dict)  # a method's own bookkeeping (e.g. parked tokens)
     changed: bool = True  # mask and rotary must be rebuilt before the next layer
 
@@ -70,6 +74,7 @@ class TokenState:
             grid=prompt.grid,
             trace=Trace(image_per_layer=zeros.clone(), tokens_per_layer=zeros.clone()),
             query_pos=prompt.query_pos,
+            seg_pos=prompt.seg_pos,
         )
 
     # --------------------------------------------------------------- queries

@@ -37,6 +37,7 @@ def run_llm(model: LisaModel, batch: dict, method: PruningMethod) -> tuple[Token
         grid_size=model.grid_size,
         cls_attention=cls_attn,
         images=batch.get("images"),
+        sample_ids=batch["idx"].tolist() if "idx" in batch else None,
     )
     state = loop.run(state, method, ctx)
     cols = state.columns_of(state.query_pos)

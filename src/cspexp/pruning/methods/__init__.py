@@ -1,5 +1,20 @@
 """Pruning methods. Each is selected by a `conf/prune/*.yaml` whose `_target_` names its class."""
 
 from cspexp.pruning.methods.base import NoPruning, PruningContext, PruningMethod
+from cspexp.pruning.methods.csp import ClusterScatterPrune
+from cspexp.pruning.methods.fastv import FastV
+from cspexp.pruning.methods.pdrop import PyramidDrop
+from cspexp.pruning.methods.simple import RandomDrop, UniformDrop
+from cspexp.pruning.methods.vtw import VisualTokenWithdrawal
 
-__all__ = ["NoPruning", "PruningContext", "PruningMethod"]
+__all__ = [
+    "ClusterScatterPrune",
+    "FastV",
+    "NoPruning",
+    "PruningContext",
+    "PruningMethod",
+    "PyramidDrop",
+    "RandomDrop",
+    "UniformDrop",
+    "VisualTokenWithdrawal",
+]

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from cspexp.models.lisa import PAD
+from cspexp.pruning.scoring import query_attention, query_mask
+from cspexp.pruning.selection import indices_to_mask, topk_indices
 from cspexp.utils.errors import require
 
 
@@ -18,7 +21,8 @@ class PruningContext:
     rotary_emb: Any  # the LLaMA rotary embedding (position ids → cos, sin)
     grid_size: tuple[int, int]  # image-token grid (rows, cols)
     cls_attention: torch.Tensor | None = None  # [B, N] CLIP [CLS] attention at the feature layer
-    images: torch.Tensor | None = None  # [B, H, W, 3] uint8 originals (for segmenter-based selection)
+    images: list | None = None  # per sample uint8 [H, W, 3] originals (for segmenter-based selection)
+    sample_ids: list[int] | None = None  # dataset idx per sample (per-sample seeds)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,3 +64,25 @@ class NoPruning(PruningMethod):
     """The dense model: every image token passes every layer."""
 
     name = "none"
+
+
+def score_image_tokens(layer: int, state, ctx: PruningContext, query: str) -> torch.Tensor:
+    """Query attention [B, n_image] at `layer` (the state being that layer's input); the call is
+    recorded in the trace so that accounting can charge it as the method's overhead."""
+    n_queries = query_mask(state, query).sum(1).tolist()
+    state.trace.overhead.append(
+        {"kind": "query_attention", "layer": layer, "tokens": (state.kind != PAD).sum(1).tolist(), "queries": n_queries}
+    )
+    return query_attention(ctx.layers[layer], ctx.rotary_emb, state, query)
+
+
+def keep_top(state, scores: torch.Tensor, count: int) -> None:
+    """Keep the `count` image tokens with the highest scores [B, n_image]; drop the rest for good."""
+    if count >= scores.shape[1]:
+        return
+    state.drop_image(indices_to_mask(topk_indices(scores, count), scores.shape[1]))
+
+
+def sample_ids(state, ctx: PruningContext) -> list[int]:
+    """The dataset idx of each sample (0..B-1 when the caller gave none)."""
+    return list(ctx.sample_ids) if ctx.sample_ids is not None else list(range(state.batch_size))
