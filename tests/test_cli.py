@@ -61,6 +61,11 @@ def test_end_to_end_run_writes_consistent_results(tmp_path):
         (["prune.keep=-0.2"], "prune.keep=-0.2 is outside (0, 1]"),
         (["dataset.split=bogus"], "dataset.split"),
         (["dataset.n=0"], "dataset.n"),
+        (["prune=csp", "prune.cluster.span=[0,3]", "prune.scatter.span=[2,5]"],
+         "prune.cluster.span [0, 3) and prune.scatter.span [2, 5) overlap"),
+        (["prune=fastv", "prune.layer=12"], "prune.layer=12 is outside the model's layers 0..8"),
+        (["prune=csp", "prune.cluster.ratio=0.001"], "N_c"),
+        (["prune=pdrop", "prune.keep=0"], "prune.keep=0 is outside (0, 1]"),
         (["model=converted"], "model.path must be set"),
         (["model=converted", "model.path=/nonexistent/model"], "model.path='/nonexistent/model' does not exist"),
         (["dataset=folder", "dataset.root=/nonexistent/data"], "dataset.root='/nonexistent/data' does not exist"),
@@ -93,3 +98,27 @@ def test_multirun_runs_each_job(tmp_path):
     assert proc.returncode == 0, proc.stderr
     seeds = sorted(json.loads((sweep / str(i) / "results.json").read_text())["config"]["dataset"]["seed"] for i in range(2))
     assert seeds == [0, 1]
+
+
+def test_csp_run_records_its_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cspexp("model=tiny_random", "prune=csp", "prune.keep=0.3", "dataset.n=8", "logger=none",
+                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    # 8 layers: clustering [0, 2) with N_c = 64, scattering [2, 4) with all 256, then ⌈0.3·256⌉ = 77
+    expected = [64, 64, 256, 256, 77, 77, 77, 77]
+    assert results["tokens"]["image_per_layer"] == expected
+    assert results["tokens"]["avg_image_per_layer"] == pytest.approx(sum(expected) / 8)
+    assert all(r["image_per_layer"] == expected for r in read_jsonl(run_dir / "samples.jsonl"))
+    assert results["prune"]["cluster"]["select"] == "uniform" and results["prune"]["keep"] == 0.3
+
+
+def test_every_method_runs_from_the_cli_at_keep_03(tmp_path):
+    methods = ["none", "csp", "fastv", "pdrop", "vtw", "random", "uniform"]
+    sweep = tmp_path / "sweep"
+    proc = cspexp("-m", f"prune={','.join(methods)}", "prune.keep=0.3", "dataset.n=2", "logger=none",
+                  f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    seen = {json.loads((sweep / str(i) / "results.json").read_text())["method"] for i in range(len(methods))}
+    assert seen == set(methods)
