@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cspexp.data import build_dataset, vocabulary
+from cspexp.flops.analytic import LlmDims, sample_flops
+from cspexp.flops.analytic import summarize as summarize_flops
 from cspexp.lit.eval_module import EvalModule
 from cspexp.models.factory import model_shape
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic
@@ -38,6 +40,23 @@ def require_values(cfg: DictConfig) -> None:
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
+
+
+def account_flops(records: list[dict], dims: LlmDims, n_image: int) -> dict:
+    """Fill each record's FLOPs from its token trace; return the means and reductions."""
+    per_sample = []
+    for r in records:
+        f = sample_flops(r["tokens_per_layer"], r["image_per_layer"], n_image, dims, r["overhead_events"])
+        r["flops_llm"], r["flops_image"], r["flops_overhead"] = f["llm"], f["image"], f["overhead"]
+        per_sample.append(f)
+    return summarize_flops(per_sample)
+
+
+def mean_latency(records: list[dict]) -> dict:
+    keys = ("llm_prefill", "end_to_end")
+    if not records:
+        return dict.fromkeys(keys)
+    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in keys}
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -67,11 +86,12 @@ def evaluate(cfg: DictConfig) -> dict:
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build(cfg.trainer, logger=logger if logger is not None else False)
-    module = EvalModule(loaded, method, build(cfg.metrics))
+    module = EvalModule(loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup)
     trainer.test(module, dataloaders=loader, verbose=False)
 
     records = sorted(module.records, key=lambda r: r["idx"])
     metrics = {k: float(v) for k, v in module.metric.compute().items()}
+    flops = account_flops(records, LlmDims.from_config(loaded.model.llm.config), loaded.model.n_image_tokens)
     results = build_results(
         cfg=cfg,
         method_info=method.describe(),
@@ -79,13 +99,19 @@ def evaluate(cfg: DictConfig) -> dict:
         model_dims=loaded.dims(),
         metrics=metrics,
         records=records,
+        flops=flops,
+        latency_ms=mean_latency(records),
+        memory_mb=module.peak_memory_mb,
     )
     write_jsonl_atomic(out_dir / "samples.jsonl", records)
     write_json_atomic(out_dir / "results.json", results)
     (out_dir / "error.json").unlink(missing_ok=True)  # left by an earlier failed attempt in this dir
     if logger is not None:
         summary = {"giou": results["metrics"]["giou"], "ciou": results["metrics"]["ciou"], "n_samples": len(records),
-                   "avg_image_tokens_per_layer": results["tokens"]["avg_image_per_layer"]}
+                   "avg_image_tokens_per_layer": results["tokens"]["avg_image_per_layer"],
+                   "flops_image": flops["image"], "flops_llm": flops["llm"],
+                   "reduction_image": flops["reduction_image"], "reduction_llm": flops["reduction_llm"],
+                   "latency_ms": results["latency_ms"]["end_to_end"], "memory_mb": results["memory_mb"]}
         logger.experiment.summary.update(summary)
     log.info("results written to %s", out_dir / "results.json")
     return results

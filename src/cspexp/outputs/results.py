@@ -1,7 +1,7 @@
 """The `results.json` contract (DESIGN §8), versioned by ``schema``.
 
-FLOPs, latency and memory keys exist from schema 1 on; a run fills them once accounting measures
-them (null until then), so readers never need to guess whether a key is there.
+FLOPs are means per sample in `flops.unit` (FLOPs, 2 per multiply-add); latency is the mean per
+sample (a batch's time divided by its size) with warm-up passes excluded; memory is the peak.
 """
 
 from __future__ import annotations
@@ -55,19 +55,6 @@ def git_info() -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def empty_flops() -> dict:
-    return {
-        "unit": "FLOPs",
-        "llm": None,
-        "llm_dense": None,
-        "image": None,
-        "image_dense": None,
-        "reduction_llm": None,
-        "reduction_image": None,
-        "overhead": None,
-    }
-
-
 def summarize_records(records: list[dict]) -> dict:
     """gIoU / cIoU recomputed from per-sample records, overall and per query kind."""
 
@@ -86,7 +73,16 @@ def summarize_records(records: list[dict]) -> dict:
 
 
 def build_results(
-    *, cfg: DictConfig, method_info: dict, model_name: str, model_dims: dict, metrics: dict, records: list[dict]
+    *,
+    cfg: DictConfig,
+    method_info: dict,
+    model_name: str,
+    model_dims: dict,
+    metrics: dict,
+    records: list[dict],
+    flops: dict,
+    latency_ms: dict,
+    memory_mb: float | None,
 ) -> dict:
     num_layers = model_dims["num_layers"]
     image_per_layer = (
@@ -105,15 +101,15 @@ def build_results(
         "n_samples": len(records),
         "metrics": {"giou": metrics["giou"], "ciou": metrics["ciou"]},
         "metrics_by_kind": per_kind,
-        "flops": empty_flops(),
+        "flops": flops,
         "tokens": {
             "n_image": model_dims["n_image_tokens"],
             "num_layers": num_layers,
             "image_per_layer": image_per_layer,
             "avg_image_per_layer": sum(image_per_layer) / num_layers if image_per_layer else None,
         },
-        "latency_ms": {"llm_prefill": None, "end_to_end": None},
-        "memory_mb": None,
+        "latency_ms": latency_ms,
+        "memory_mb": memory_mb,
         "model_dims": {k: model_dims[k] for k in ("hidden_size", "intermediate_size", "num_layers")},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),

@@ -48,6 +48,10 @@ class Trace:
     # event with a "kind"; accounting charges it as the method's overhead.
     overhead: list[dict] = field(default_factory=list)
 
+    def sample_overhead(self, i: int) -> list[dict]:
+        """The overhead events of sample `i`, with per-sample lists reduced to that sample's value."""
+        return [{k: (v[i] if isinstance(v, list) else v) for k, v in e.items()} for e in self.overhead]
+
 
 @dataclass
 class TokenState:

@@ -15,6 +15,7 @@ import torch
 from cspexp.models.lisa import LisaModel
 from cspexp.pruning.engine import DecoderLoop, TokenState, Trace
 from cspexp.pruning.methods.base import PruningContext, PruningMethod
+from cspexp.utils.timing import NullStopwatch
 
 
 @dataclass
@@ -25,9 +26,20 @@ class SegmentOutput:
     seg_embeds: torch.Tensor  # [B, C] the SAM prompt embeddings
 
 
-def run_llm(model: LisaModel, batch: dict, method: PruningMethod) -> tuple[TokenState, torch.Tensor]:
-    """Vision tower → splice → pruned decoder loop. Returns the final state and the query states [B, d]."""
+def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None) -> tuple[TokenState, torch.Tensor]:
+    """Vision tower → splice → pruned decoder loop. Returns the final state and the query states [B, d].
+
+    `stopwatch` (optional) times the LLM prefill: the splice and the decoder loop."""
+    stopwatch = stopwatch or NullStopwatch()
     image_tokens, cls_attn = model.encode_image(batch["clip_pixels"], output_cls_attention=method.needs_cls_attention)
+    with stopwatch.section("llm_prefill"):
+        state = _prefill(model, batch, method, image_tokens, cls_attn)
+    cols = state.columns_of(state.query_pos)
+    query_hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
+    return state, query_hidden
+
+
+def _prefill(model, batch, method, image_tokens, cls_attn) -> TokenState:
     prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
     loop = DecoderLoop(model.decoder)
     state = TokenState.from_prompt(prompt, loop.num_layers)
@@ -39,15 +51,12 @@ def run_llm(model: LisaModel, batch: dict, method: PruningMethod) -> tuple[Token
         images=batch.get("images"),
         sample_ids=batch["idx"].tolist() if "idx" in batch else None,
     )
-    state = loop.run(state, method, ctx)
-    cols = state.columns_of(state.query_pos)
-    query_hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
-    return state, query_hidden
+    return loop.run(state, method, ctx)
 
 
-def segment(model: LisaModel, batch: dict, method: PruningMethod) -> SegmentOutput:
+def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None) -> SegmentOutput:
     """The whole pass for a collated batch (see `LisaProcessor.collate` for its keys)."""
-    state, query_hidden = run_llm(model, batch, method)
+    state, query_hidden = run_llm(model, batch, method, stopwatch)
     seg_embeds = model.seg_embedding(query_hidden)
     low_res = model.decode_masks(model.image_embeddings(batch["sam_pixels"]), seg_embeds)
     logits = [

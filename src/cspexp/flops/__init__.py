@@ -1,0 +1,1 @@
+"""Accounting: analytic FLOPs from the token trace, fvcore breakdowns, latency and memory."""

@@ -1,0 +1,79 @@
+"""Analytic FLOPs: the formula on a hand-worked case, and equality with torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from cspexp.data.shapes import ShapesDataset
+from cspexp.flops.analytic import LlmDims, image_layer_macs, layer_macs, sample_flops, summarize
+from cspexp.pruning.engine import DecoderLoop, TokenState
+from cspexp.pruning.methods import ClusterScatterPrune, FastV, NoPruning, PyramidDrop, VisualTokenWithdrawal
+from cspexp.pruning.methods.base import PruningContext
+from cspexp.utils.instantiate import build
+
+from conftest import CONF_DIR
+
+
+def test_formula_on_a_hand_worked_case():
+    dims = LlmDims(hidden_size=4, intermediate_size=6, num_layers=2, kv_size=2)
+    # n=3 tokens: projections 3·(2·4² + 2·4·2) = 144, attention 2·3²·4 = 72, FFN 3·3·4·6 = 216
+    assert layer_macs(3, dims) == 432
+    # 2 image tokens of 3: linear 2·(32 + 16 + 72) = 240, image-query attention 2·2·3·4 = 48
+    assert image_layer_macs(3, 2, dims) == 288
+    # layer 0 sees 3 tokens (2 image), layer 1 sees 1 (0 image): dense would be 3 and 2 every layer
+    f = sample_flops([3, 1], [2, 0], n_image=2, dims=dims)
+    assert f["llm"] == 2 * (432 + layer_macs(1, dims))
+    assert f["llm_dense"] == 2 * 2 * 432
+    assert f["image"] == 2 * 288 and f["image_dense"] == 2 * 2 * 288
+    # a query-attention row over 3 tokens with 1 query: k 3·4·2 + q 1·4·4 + row 1·3·4 = 52 MACs
+    g = sample_flops([3, 1], [2, 0], 2, dims, [{"kind": "query_attention", "tokens": 3, "queries": 1}])
+    assert g["overhead"] == 2 * 52
+    s = summarize([f, f])
+    assert s["unit"] == "FLOPs" and s["reduction_image"] == pytest.approx(0.5)
+    assert s["reduction_llm"] == pytest.approx(1 - (432 + layer_macs(1, dims)) / (2 * 432))
+
+
+@pytest.fixture(scope="module")
+def eager_model():
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
+    cfg.attn_implementation = "eager"
+    cfg.llm.num_key_value_heads = 2  # grouped-query attention exercises d_kv ≠ d
+    loaded = build(cfg, words=ShapesDataset.vocabulary())
+    batch = loaded.processor.collate([ShapesDataset(split="val", n=1)[0]])
+    return loaded, batch
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda: NoPruning(),
+        lambda: FastV(keep=0.3),
+        lambda: PyramidDrop(keep=0.5, query="text_mean"),
+        lambda: VisualTokenWithdrawal(layer=3),
+        lambda: ClusterScatterPrune(keep=0.3, scatter={"mode": "residual"}),
+        lambda: ClusterScatterPrune(keep=0.2, cluster={"assign": "feature"}, scatter={"mode": "copy"}),
+        lambda: ClusterScatterPrune(keep=0.5, cluster={"select": "random"}, scatter={"mode": "reset"}),
+    ],
+    ids=["none", "fastv", "pdrop", "vtw", "csp_residual", "csp_copy_feature", "csp_reset"],
+)
+def test_analytic_llm_flops_equal_flop_counter(eager_model, method):
+    loaded, batch = eager_model
+    model = loaded.model
+    m = method()
+    m.validate(model.num_layers, model.n_image_tokens)
+    with torch.no_grad():
+        image_tokens, _ = model.encode_image(batch["clip_pixels"])
+        prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+        loop = DecoderLoop(model.decoder)
+        ctx = PruningContext(layers=model.decoder.layers, rotary_emb=model.decoder.rotary_emb,
+                             grid_size=model.grid_size, sample_ids=[0])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            state = loop.run(TokenState.from_prompt(prompt, loop.num_layers), m, ctx)
+    trace = state.trace
+    f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), model.n_image_tokens,
+                     LlmDims.from_config(model.llm.config), trace.sample_overhead(0))
+    assert counter.get_total_flops() == f["llm"] + f["overhead"]
