@@ -77,3 +77,29 @@ def test_analytic_llm_flops_equal_flop_counter(eager_model, method):
     f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), model.n_image_tokens,
                      LlmDims.from_config(model.llm.config), trace.sample_overhead(0))
     assert counter.get_total_flops() == f["llm"] + f["overhead"]
+
+
+@pytest.mark.parametrize("method", [lambda: NoPruning(), lambda: ClusterScatterPrune(keep=0.3)], ids=["none", "csp"])
+def test_fvcore_breakdown_counts_sdpa_and_matches_the_analytic_llm(method):
+    """fvcore (with our SDPA handle) on the default SDPA model gives the analytic LLM FLOPs; without
+    the handle the attention would be missing (fvcore counts SDPA as 0)."""
+    from cspexp.flops.breakdown import breakdown
+    from cspexp.pruning.pipeline import run_llm
+
+    loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
+    batch = loaded.processor.collate([ShapesDataset(split="val", n=1)[0]])
+    m = method()
+    m.validate(8, 256)
+    result = breakdown(loaded.model, m, batch)
+    with torch.no_grad():
+        state, _ = run_llm(loaded.model, batch, m)
+    f = sample_flops(state.trace.tokens_per_layer[0].tolist(), state.trace.image_per_layer[0].tolist(), 256,
+                     LlmDims.from_config(loaded.model.llm.config), state.trace.sample_overhead(0))
+    from cspexp.flops.breakdown import OTHER
+
+    stages = result["stages"]
+    assert stages["LLM (decoder layers)"] + stages[OTHER] == f["llm"] + f["overhead"]
+    assert "aten::scaled_dot_product_attention" not in result["unsupported_ops"]
+    for stage in ("vision tower (CLIP)", "projector", "SAM image encoder", "SAM mask decoder"):
+        assert stages[stage] > 0
+    assert sum(stages.values()) == result["total"]

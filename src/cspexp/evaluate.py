@@ -20,7 +20,7 @@ from cspexp.flops.analytic import LlmDims, sample_flops
 from cspexp.flops.analytic import summarize as summarize_flops
 from cspexp.lit.eval_module import EvalModule
 from cspexp.models.factory import model_shape
-from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic
+from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from cspexp.outputs.results import build_results
 from cspexp.utils.errors import ConfigError
 from cspexp.utils.instantiate import build
@@ -50,6 +50,23 @@ def account_flops(records: list[dict], dims: LlmDims, n_image: int) -> dict:
         r["flops_llm"], r["flops_image"], r["flops_overhead"] = f["llm"], f["image"], f["overhead"]
         per_sample.append(f)
     return summarize_flops(per_sample)
+
+
+def report_breakdown(loaded, method, batch: dict, out_dir: Path) -> dict:
+    """fvcore's per-stage FLOPs for the first sample: printed, and saved as flops_breakdown.{json,md}."""
+    from rich.console import Console
+
+    from cspexp.flops.breakdown import breakdown, breakdown_table
+
+    result = breakdown(loaded.model, method, batch)
+    table = breakdown_table(result, f"FLOPs per stage · {loaded.name} · {method.name} · one sample (fvcore)")
+    Console().print(table)
+    write_json_atomic(out_dir / "flops_breakdown.json", result)
+    lines = ["| stage | GFLOPs |", "|---|---:|"]
+    lines += [f"| {k} | {v / 1e9:.4f} |" for k, v in result["stages"].items()]
+    lines.append(f"| **total** | {result['total'] / 1e9:.4f} |")
+    write_text_atomic(out_dir / "flops_breakdown.md", "\n".join(lines) + "\n")
+    return result
 
 
 def mean_latency(records: list[dict]) -> dict:
@@ -86,6 +103,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build(cfg.trainer, logger=logger if logger is not None else False)
+    if cfg.flops.report:
+        report_breakdown(loaded, method, next(iter(loader)), out_dir)
     module = EvalModule(loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup)
     trainer.test(module, dataloaders=loader, verbose=False)
 

@@ -57,7 +57,8 @@ def topk_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
 def indices_to_mask(indices: torch.Tensor, n: int) -> torch.Tensor:
     """[B, k] indices → [B, n] bool."""
     mask = torch.zeros(indices.shape[0], n, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(1, indices, True)
+    # a tensor source, not the scalar True: jit tracing (fvcore) has no overload for a bool scalar
+    return mask.scatter_(1, indices, torch.ones_like(indices, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- seg_first
