@@ -43,8 +43,14 @@ def test_end_to_end_run_writes_consistent_results(tmp_path):
     ciou = sum(r["intersection"] for r in rows) / (sum(r["union"] for r in rows) + 1e-10)
     assert results["metrics"]["giou"] == pytest.approx(giou, abs=1e-6)
     assert results["metrics"]["ciou"] == pytest.approx(ciou, abs=1e-6)
-    # the dense model: every layer sees all 256 image tokens
+    # the dense model: every layer sees all 256 image tokens, so nothing is saved
     assert all(r["image_per_layer"] == [256] * 8 for r in rows)
+    flops = results["flops"]
+    assert flops["llm"] == pytest.approx(sum(r["flops_llm"] for r in rows) / 8)
+    assert flops["llm"] == pytest.approx(flops["llm_dense"]) and flops["reduction_image"] == pytest.approx(0.0)
+    assert flops["overhead"] == 0
+    assert results["latency_ms"]["end_to_end"] > results["latency_ms"]["llm_prefill"] > 0
+    assert results["memory_mb"] > 0
     assert results["tokens"]["avg_image_per_layer"] == 256
     assert "gIoU" in proc.stdout  # the summary table
     assert not (run_dir / "error.json").exists()
@@ -112,6 +118,9 @@ def test_csp_run_records_its_schedule(tmp_path):
     assert results["tokens"]["avg_image_per_layer"] == pytest.approx(sum(expected) / 8)
     assert all(r["image_per_layer"] == expected for r in read_jsonl(run_dir / "samples.jsonl"))
     assert results["prune"]["cluster"]["select"] == "uniform" and results["prune"]["keep"] == 0.3
+    flops = results["flops"]
+    assert 0.5 < flops["reduction_image"] < 0.7 and flops["overhead"] > 0
+    assert flops["llm"] < flops["llm_dense"]
 
 
 def test_every_method_runs_from_the_cli_at_keep_03(tmp_path):
