@@ -177,10 +177,10 @@ def random_lisa(
 def model_shape(cfg) -> tuple[int, int] | None:
     """(LLM layers, image tokens) read from a model config without loading weights, so that pruning
     schedules are validated before a slow load; None when only the checkpoint can tell."""
-    if cfg.get("path"):
-        from cspexp.models.saved import saved_shape  # the saved format builds on this module
+    if cfg.get("path") or cfg.get("packaged"):
+        from cspexp.models.saved import packaged_path, saved_shape  # the saved format builds on this module
 
-        return saved_shape(cfg["path"])
+        return saved_shape(cfg["path"] if cfg.get("path") else packaged_path(cfg["name"]))
     try:
         vision, llm = cfg["vision"], cfg["llm"]
         side = int(vision["image_size"]) // int(vision["patch_size"])

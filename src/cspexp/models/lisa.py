@@ -179,9 +179,9 @@ class LisaModel(nn.Module):
 
     # ------------------------------------------------------------------ SAM
     def image_embeddings(self, sam_pixels: torch.Tensor) -> torch.Tensor:
-        """SAM image embedding [B, C, h, w]. SAM's encoder is frozen in LISA, so no gradient."""
-        with torch.no_grad():
-            return self.sam.vision_encoder(sam_pixels.to(self.sam.dtype))[0]
+        """SAM image embedding [B, C, h, w] (gradients flow only where the encoder is trainable:
+        LISA freezes it; the small models train it from scratch)."""
+        return self.sam.vision_encoder(sam_pixels.to(self.sam.dtype))[0]
 
     def seg_embedding(self, query_hidden: torch.Tensor) -> torch.Tensor:
         """Final LLM state of the query token [B, d] → SAM prompt embedding [B, C]."""

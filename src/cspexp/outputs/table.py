@@ -14,6 +14,13 @@ def summary_table(results: dict) -> Table:
     table = Table(title=f"cspexp · {results['model']} · {results['dataset']['name']}/{results['dataset']['split']}")
     for col in ("method", "keep", "n", "gIoU", "cIoU", "img tok/layer", "img-FLOPs red.", "latency ms"):
         table.add_column(col, justify="right" if col not in ("method",) else "left")
+    dense = results.get("dense")
+    if dense:
+        table.add_row(
+            "none (dense)", "1.00", str(results["n_samples"]), _fmt(dense["metrics"]["giou"]),
+            _fmt(dense["metrics"]["ciou"]), _fmt(dense["avg_image_per_layer"], ".1f"), "0.0 %",
+            _fmt(dense["latency_ms"]["end_to_end"], ".1f"),
+        )
     red = results["flops"].get("reduction_image")
     table.add_row(
         results["method"],
@@ -25,6 +32,12 @@ def summary_table(results: dict) -> Table:
         "—" if red is None else f"{100 * red:.1f} %",
         _fmt(results["latency_ms"]["end_to_end"], ".1f"),
     )
+    if dense and dense["latency_ms"]["end_to_end"] and results["latency_ms"]["end_to_end"]:
+        speedup = dense["latency_ms"]["end_to_end"] / results["latency_ms"]["end_to_end"]
+        llm_speedup = dense["latency_ms"]["llm_prefill"] / results["latency_ms"]["llm_prefill"]
+        table.caption = (f"{results['method']} vs dense: gIoU {results['metrics']['giou'] - dense['metrics']['giou']:+.4f}, "
+                         f"image-token FLOPs −{100 * (red or 0):.1f} %, LLM prefill {llm_speedup:.2f}× faster, "
+                         f"end to end {speedup:.2f}×")
     return table
 
 

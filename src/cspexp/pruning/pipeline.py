@@ -24,6 +24,7 @@ class SegmentOutput:
     masks: list[torch.Tensor]  # per sample, bool [H, W] (logits > 0)
     trace: Trace
     seg_embeds: torch.Tensor  # [B, C] the SAM prompt embeddings
+    state: TokenState  # the LLM's final state (normed hidden states of the tokens still present)
 
 
 def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None) -> tuple[TokenState, torch.Tensor]:
@@ -63,4 +64,5 @@ def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None
         model.postprocess_masks(low_res[i], batch["resized_hw"][i], batch["original_hw"][i])
         for i in range(low_res.shape[0])
     ]
-    return SegmentOutput(logits=logits, masks=[lg > 0 for lg in logits], trace=state.trace, seg_embeds=seg_embeds)
+    return SegmentOutput(logits=logits, masks=[lg > 0 for lg in logits], trace=state.trace, seg_embeds=seg_embeds,
+                         state=state)

@@ -73,7 +73,8 @@ def score_image_tokens(layer: int, state, ctx: PruningContext, query: str) -> to
     state.trace.overhead.append(
         {"kind": "query_attention", "layer": layer, "tokens": (state.kind != PAD).sum(1).tolist(), "queries": n_queries}
     )
-    return query_attention(ctx.layers[layer], ctx.rotary_emb, state, query)
+    with torch.no_grad():  # selections are constants, also when fine-tuning under a schedule
+        return query_attention(ctx.layers[layer], ctx.rotary_emb, state, query)
 
 
 def keep_top(state, scores: torch.Tensor, count: int) -> None:

@@ -1,0 +1,133 @@
+"""Training: the loss goes down, LoRA touches only the named modules, a fine-tune under a csp
+schedule saves a model that evaluation loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cspexp.data.shapes import ShapesDataset
+from cspexp.lit.losses import dice_loss, mask_losses
+from cspexp.lit.train_module import TrainModule, answer_ce
+from cspexp.models.lora import apply_lora, merge_lora
+from cspexp.models.saved import save_model
+from cspexp.pruning.methods import ClusterScatterPrune, NoPruning
+from cspexp.pruning.pipeline import segment
+from cspexp.utils.instantiate import build
+
+from conftest import CONF_DIR
+
+
+def tiny(seed: int = 0):
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
+    cfg.seed = seed
+    return build(cfg, words=ShapesDataset.vocabulary())
+
+
+def test_dice_and_bce_on_hand_worked_masks():
+    logits = torch.tensor([[10.0, -10.0], [10.0, -10.0]])  # predicts the left column
+    target = torch.tensor([[1, 0], [1, 255]], dtype=torch.uint8)
+    bce, dice = mask_losses([logits], [target])
+    assert bce.item() == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-10.0))), rel=1e-2)
+    # p ≈ (1, 0, 1, ·), t = (1, 0, 1, ·) with the ignored pixel out: dice ≈ 1 − 4/4
+    assert dice.item() == pytest.approx(0.0, abs=1e-3)
+    ones = torch.ones(4)
+    assert dice_loss(torch.full((4,), -20.0), ones, ones).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    loaded = tiny()
+    module = TrainModule(loaded, NoPruning())
+    batch = loaded.processor.collate([ShapesDataset(split="train", n=4)[i] for i in range(4)])
+    opt = torch.optim.AdamW(loaded.model.parameters(), lr=2e-3)
+    loaded.model.train()
+    losses = []
+    for _ in range(15):
+        out = segment(loaded.model, batch, module.method)
+        bce, dice = mask_losses(out.logits, batch["gt_masks"])
+        loss = answer_ce(loaded.model, out, batch) + 2 * bce + 0.5 * dice
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_answer_ce_predicts_the_answer_tokens():
+    """The CE targets are [SEG], '.', '</s>' — checked against the tokenizer, not the code's indices."""
+    loaded = tiny()
+    batch = loaded.processor.collate([ShapesDataset(split="train", n=2)[i] for i in range(2)])
+    with torch.no_grad():
+        out = segment(loaded.model, batch, NoPruning())
+        ce = answer_ce(loaded.model, out, batch)
+        # independent: full logits from transformers' own forward on the spliced sequence
+        image_tokens, _ = loaded.model.encode_image(batch["clip_pixels"])
+        prompt = loaded.model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+        logits = loaded.model.llm(inputs_embeds=prompt.embeds, attention_mask=(prompt.kind != 3).long()).logits
+    tok = loaded.processor.tokenizer
+    answer = tok.convert_tokens_to_ids(["[SEG]", ".", "</s>"])
+    total, n = 0.0, 0
+    for b in range(2):
+        seg = int(prompt.seg_pos[b])
+        for k, token in enumerate(answer):
+            total += torch.nn.functional.cross_entropy(logits[b, seg - 1 + k][None], torch.tensor([token])).item()
+            n += 1
+    assert ce.item() == pytest.approx(total / n, rel=1e-4)
+
+
+def test_lora_adapts_only_the_named_modules():
+    loaded = tiny()
+    model = loaded.model
+    batch = loaded.processor.collate([ShapesDataset(split="val", n=1)[0]])
+    adapted = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                         train_also=["text_hidden_fcs"])
+    assert len(adapted) == 2 * model.num_layers
+    assert all(name.endswith(("self_attn.q_proj", "self_attn.v_proj")) for name in adapted)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("text_hidden_fcs.") for n in trainable)
+    assert not any("k_proj.lora" in n or "o_proj.lora" in n or "vision_tower" in n for n in trainable)
+    # make the adapters non-trivial, then merging must keep the function and restore the plain layout
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        before = segment(model, batch, NoPruning()).seg_embeds
+        merge_lora(model)
+        after = segment(model, batch, NoPruning()).seg_embeds
+    assert torch.allclose(before, after, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny().model.state_dict())
+    with pytest.raises(Exception, match="not modules of the LLM"):
+        apply_lora(tiny().model, r=4, alpha=8, dropout=0.0, target_modules=["qkv"], train_also=[])
+
+
+def test_finetune_under_csp_saves_a_model_that_evaluation_loads(tmp_path):
+    start = save_model(tiny(), tmp_path / "start")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = tmp_path / "ft"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cspexp.train", "model=converted", f"model.path={start}", "prune=csp", "prune.keep=0.1",
+         f"train.init_from={start}", "train.data.n=8", "train.batch_size=4", "dataset.n=4", "trainer.max_epochs=1",
+         "logger=none", f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((run / "train_results.json").read_text())
+    assert results["steps"] == 2 and results["method"]["name"] == "csp"
+    assert list((run / "checkpoints").glob("*.ckpt"))
+    # the fine-tuned weights differ from the start, and evaluation loads them
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(start / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    ev = subprocess.run([sys.executable, "-m", "cspexp", "model=converted", f"model.path={run / 'model'}", "prune=csp",
+                         "prune.keep=0.1", "dataset.n=4", "logger=none", f"hydra.run.dir={tmp_path / 'ev'}"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["n_samples"] == 4
