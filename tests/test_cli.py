@@ -100,7 +100,9 @@ def test_help_and_cfg_job(tmp_path):
 
 def test_multirun_runs_each_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cspexp("-m", "dataset.n=2", "dataset.seed=0,1", "logger=none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # hydra/sweep_grid=none: only the seeds, not seeds × the default method-keep grid
+    proc = cspexp("-m", "hydra/sweep_grid=none", "dataset.n=2", "dataset.seed=0,1", "logger=none",
+                  f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     seeds = sorted(json.loads((sweep / str(i) / "results.json").read_text())["config"]["dataset"]["seed"] for i in range(2))
     assert seeds == [0, 1]

@@ -17,7 +17,7 @@ from cspexp.lit.losses import dice_loss, mask_losses
 from cspexp.lit.train_module import TrainModule, answer_ce
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import save_model
-from cspexp.pruning.methods import ClusterScatterPrune, NoPruning
+from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import segment
 from cspexp.utils.instantiate import build
 

@@ -12,7 +12,6 @@ loop. Writes ``bench.json`` and ``bench.md`` to the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import statistics

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cspexp.outputs.files import write_json_atomic
-from cspexp.utils.errors import CspexpError
+from cspexp.utils.errors import ConfigError, CspexpError
 
 log = logging.getLogger("cspexp")
 
@@ -76,8 +76,22 @@ def write_error(out_dir: Path, exc: BaseException) -> None:
         pass  # reporting the original error matters more than the error file
 
 
+def _failure_is_reported(cfg: DictConfig, multirun: bool) -> bool:
+    """In a multirun whose Pareto callback reports failed jobs (see `cspexp.report.callback`), a job
+    that raised ends normally after writing error.json, so that the basic sweeper goes on to the
+    report instead of aborting; the multirun still exits non-zero (`main`)."""
+    if not multirun:
+        return False
+    from cspexp.report.callback import failures_reported_here
+
+    return failures_reported_here(HydraConfig.get(), cfg.get("task_name"))
+
+
 def run_task(cfg: DictConfig, task):
-    """Run `task(cfg)` with the failure handling every entry point shares."""
+    """Run `task(cfg)` with the failure handling every entry point shares.
+
+    Returns the task's result, or None for a failed multirun job whose failure the sweep report
+    carries (`_failure_is_reported`)."""
     out_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -85,10 +99,20 @@ def run_task(cfg: DictConfig, task):
     except CspexpError as exc:
         write_error(out_dir, exc)
         finish_wandb(1)
+        if _failure_is_reported(cfg, multirun):
+            log.error("job failed: %s (written to %s)", exc, out_dir / "error.json")
+            return None
         if multirun:
             raise  # Hydra records the failed job and goes on with the others
         fail(str(exc))
-    except BaseException as exc:
+    except Exception as exc:
+        write_error(out_dir, exc)
+        finish_wandb(1)
+        if _failure_is_reported(cfg, multirun):
+            log.exception("job failed with %s (written to %s)", type(exc).__name__, out_dir / "error.json")
+            return None
+        raise
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: stop the whole sweep
         write_error(out_dir, exc)
         finish_wandb(1)
         raise
@@ -96,15 +120,59 @@ def run_task(cfg: DictConfig, task):
     return result
 
 
+def objective_values(results: dict, paths) -> float | tuple[float, ...]:
+    """The values a sweeper optimises: ``optimized_metrics`` are dotted paths into results.json
+    (e.g. ``[metrics.giou, flops.image]`` for Optuna's two directions). One path gives a float."""
+    values = []
+    for path in paths:
+        node = results
+        for part in str(path).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"optimized_metrics: {path!r} is not in results.json (e.g. metrics.giou, flops.image)")
+            node = node[part]
+        values.append(float(node))
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def eval_main(cfg: DictConfig):
     from cspexp.evaluate import evaluate
     from cspexp.outputs.table import print_summary
 
-    results = run_task(cfg, evaluate)
+    def evaluate_and_score(cfg: DictConfig):
+        results = evaluate(cfg)
+        # What a sweeper optimises: gIoU, or the values named by `optimized_metrics` (Optuna's
+        # multi-objective sweeper needs one value per direction). Inside run_task, so that a bad
+        # path is reported like any other config error.
+        metrics = cfg.get("optimized_metrics")
+        return results, objective_values(results, metrics) if metrics else results["metrics"]["giou"]
+
+    outcome = run_task(cfg, evaluate_and_score)
+    if outcome is None:  # a failed multirun job, listed in the sweep's report
+        return None
+    results, score = outcome
     if cfg.get("print_table", True):
         print_summary(results)
-    return results["metrics"]["giou"]
+    return score
+
+
+def exit_status_of_sweep() -> None:
+    """After a multirun: exit 1 with one line if a job failed or the report could not be written.
+    The report was written first (`cspexp.report.callback`)."""
+    module = sys.modules.get("cspexp.report.callback")
+    outcome = getattr(module, "LAST_SWEEP", None)
+    if outcome is None:
+        return
+    if outcome.error:
+        sys.stderr.write(f"error: {outcome.error}\n")
+        sys.exit(1)
+    if outcome.failed:
+        n = len(outcome.failed)
+        sys.stderr.write(
+            f"error: {n} job{'s' if n > 1 else ''} of the sweep failed (listed in {outcome.report_dir / 'report.md'}); "
+            f"first: {outcome.failed[0]}\n"
+        )
+        sys.exit(1)
 
 
 def main() -> None:
@@ -115,6 +183,7 @@ def main() -> None:
 
     preflight(CONF_DIR, "eval", sys.argv[1:])
     eval_main()
+    exit_status_of_sweep()
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ run is complete (a resumed sweep relies on that).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -21,7 +24,7 @@ from cspexp.flops.analytic import summarize as summarize_flops
 from cspexp.lit.eval_module import EvalModule
 from cspexp.models.factory import model_shape
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from cspexp.outputs.results import build_results
+from cspexp.outputs.results import build_results, config_hash
 from cspexp.utils.errors import ConfigError
 from cspexp.utils.instantiate import build
 
@@ -29,10 +32,31 @@ log = logging.getLogger(__name__)
 
 
 def build_logger(cfg: DictConfig):
-    """The Lightning logger of `cfg.logger`, or None for ``logger=none``."""
+    """The Lightning logger of `cfg.logger`, or None for ``logger=none``.
+
+    In a multirun a logger with an unset ``group`` (W&B) is grouped by sweep: the sweep dir's name,
+    the group the sweep's Pareto summary run joins too (`cspexp.report.callback.sweep_group`)."""
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None
-    return build(cfg.logger)
+    extra = {}
+    if "group" in cfg.logger and cfg.logger.group is None and HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            extra["group"] = Path(str(hydra_cfg.sweep.dir)).name
+    return build(cfg.logger, **extra)
+
+
+def finished_results(out_dir: Path, cfg: DictConfig) -> dict | None:
+    """The results.json already in `out_dir` if it was written for this very config (same
+    ``config_hash``), else None. A resumed sweep skips such a job."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: run again
+    return previous if previous.get("config_hash") == config_hash(cfg) else None
 
 
 def require_values(cfg: DictConfig) -> None:
@@ -69,6 +93,38 @@ def report_breakdown(loaded, method, batch: dict, out_dir: Path) -> dict:
     return result
 
 
+def wants_dense(cfg: DictConfig, method) -> bool:
+    """`compare_dense`: true, false, or auto — a single run of a pruning method also evaluates the
+    dense model on the same samples (so its table shows the trade-off); a sweep has its own dense job."""
+    setting = cfg.get("compare_dense", "auto")
+    if method.name == "none" or setting is False:
+        return False
+    if setting == "auto":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    return bool(setting)
+
+
+def dense_reference(cfg: DictConfig, loaded, loader, dims: LlmDims) -> dict:
+    """The dense model on the same samples: the reference row of the summary table."""
+    from cspexp.pruning.methods import NoPruning
+
+    module = EvalModule(loaded, NoPruning(), build(cfg.metrics), warmup=cfg.latency.warmup)
+    build(cfg.trainer, logger=False, enable_progress_bar=False).test(module, dataloaders=loader, verbose=False)
+    records = module.records
+    metrics = {k: float(v) for k, v in module.metric.compute().items()}
+    flops = account_flops(records, dims, loaded.model.n_image_tokens)
+    per_layer = [sum(r["image_per_layer"][l] for r in records) / len(records) for l in range(dims.num_layers)]
+    return {
+        "metrics": metrics,
+        "flops": flops,
+        "avg_image_per_layer": sum(per_layer) / len(per_layer),
+        "latency_ms": mean_latency(records),
+    }
+
+
 def mean_latency(records: list[dict]) -> dict:
     keys = ("llm_prefill", "end_to_end")
     if not records:
@@ -76,11 +132,45 @@ def mean_latency(records: list[dict]) -> dict:
     return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in keys}
 
 
+def objective(cfg: DictConfig, results: dict) -> float:
+    """One number for W&B's Bayesian sweeps, which optimise a single top-level metric: gIoU minus
+    ``objective.penalty`` per unit of image-token FLOPs reduction short of
+    ``objective.target_reduction`` (0, the default, leaves plain gIoU)."""
+    spec = cfg.get("objective") or {}
+    target, penalty = float(spec.get("target_reduction", 0.0)), float(spec.get("penalty", 0.0))
+    reduction = results["flops"].get("reduction_image") or 0.0
+    return results["metrics"]["giou"] - penalty * max(0.0, target - reduction)
+
+
+def draw_pictures(loaded, method, dataset, n: int, out_dir: Path, logger) -> list[Path]:
+    """``viz.n_samples`` > 0: masks and kept-token maps of the first n samples, as PNGs in
+    ``<run dir>/viz`` and, with W&B, as images in the run."""
+    from cspexp.report.pictures import draw_token_pictures
+
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    paths = draw_token_pictures(loaded, method, items, out_dir / "viz")
+    if logger is not None and type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        logger.experiment.log({f"viz/{p.stem}": wandb.Image(str(p)) for p in paths})
+    return paths
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Run the configured evaluation and write `samples.jsonl` and `results.json` to
     ``cfg.paths.output_dir``. Returns the results dict."""
     out_dir = Path(cfg.paths.output_dir)
     require_values(cfg)
+    # Resume: a job whose results.json holds this config is done (`force=true` runs it again).
+    previous = None if cfg.get("force") else finished_results(out_dir, cfg)
+    if previous is not None:
+        log.info("skipped: %s already holds the results of this config (config_hash %s); force=true re-runs it",
+                 out_dir, previous["config_hash"])
+        return previous
+    # Anything an earlier attempt left here is about to be replaced; if this run fails, no stale
+    # results.json may remain to be read as its outcome.
+    for name in ("results.json", "samples.jsonl"):
+        (out_dir / name).unlink(missing_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     method = build(cfg.prune)
@@ -110,7 +200,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
     records = sorted(module.records, key=lambda r: r["idx"])
     metrics = {k: float(v) for k, v in module.metric.compute().items()}
-    flops = account_flops(records, LlmDims.from_config(loaded.model.llm.config), loaded.model.n_image_tokens)
+    dims = LlmDims.from_config(loaded.model.llm.config)
+    flops = account_flops(records, dims, loaded.model.n_image_tokens)
+    dense = dense_reference(cfg, loaded, loader, dims) if wants_dense(cfg, method) else None
     results = build_results(
         cfg=cfg,
         method_info=method.describe(),
@@ -122,6 +214,10 @@ def evaluate(cfg: DictConfig) -> dict:
         latency_ms=mean_latency(records),
         memory_mb=module.peak_memory_mb,
     )
+    results["dense"] = dense
+    n_viz = int((cfg.get("viz") or {}).get("n_samples", 0) or 0)
+    if n_viz > 0:
+        draw_pictures(loaded, method, dataset, n_viz, out_dir, logger)
     write_jsonl_atomic(out_dir / "samples.jsonl", records)
     write_json_atomic(out_dir / "results.json", results)
     (out_dir / "error.json").unlink(missing_ok=True)  # left by an earlier failed attempt in this dir
@@ -130,7 +226,11 @@ def evaluate(cfg: DictConfig) -> dict:
                    "avg_image_tokens_per_layer": results["tokens"]["avg_image_per_layer"],
                    "flops_image": flops["image"], "flops_llm": flops["llm"],
                    "reduction_image": flops["reduction_image"], "reduction_llm": flops["reduction_llm"],
-                   "latency_ms": results["latency_ms"]["end_to_end"], "memory_mb": results["memory_mb"]}
+                   "latency_ms": results["latency_ms"]["end_to_end"], "memory_mb": results["memory_mb"],
+                   # for `python -m cspexp.aggregate --wandb` and W&B's sweep charts
+                   "method": results["method"], "keep": results["prune"].get("keep"),
+                   "flops_image_dense": flops["image_dense"], "config_hash": results["config_hash"],
+                   "objective": objective(cfg, results)}
         logger.experiment.summary.update(summary)
     log.info("results written to %s", out_dir / "results.json")
     return results

@@ -1,7 +1,7 @@
 """`python -m cspexp.train`: train or fine-tune a LisaModel in Lightning (config `conf/train.yaml`).
 
     python -m cspexp.train experiment=train_tiny_lisa                  # the embedded model's recipe
-    python -m cspexp.train model=tiny_lisa prune=csp prune.keep=0.1 train.init_from=<model dir|ckpt>
+    python -m cspexp.train model=converted model.path=<dir> prune=csp prune.keep=0.1 train.init_from=<dir or ckpt>
 
 Seeded; checkpoints (best val gIoU and last) in ``<run>/checkpoints``; ``train.resume=<ckpt>``
 continues a run; W&B (offline by default) and CSV logs; the final weights are written as a cspexp
@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> dict:
                               num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(val_data, batch_size=cfg.dataset.batch_size, shuffle=False, collate_fn=collate,
                             num_workers=cfg.dataset.num_workers)
-    loggers = [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
+    loggers = [CSVLogger(save_dir=str(out_dir), name="csv", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps)]
     wandb_logger = build_logger(cfg)
     if wandb_logger is not None:
         loggers.append(wandb_logger)

@@ -93,6 +93,9 @@ def sam_config(sam: dict) -> SamConfig:
         global_attn_indexes=list(sam["global_attn_indexes"]),
         num_pos_feats=prompt_dim // 2,
         mlp_dim=sam.get("mlp_dim"),
+        # transformers' default (1e-10) is meant for loading SAM's pretrained weights; a model trained
+        # from scratch needs a real init, or its image features start at ~0 and the masks never learn
+        initializer_range=sam.get("initializer_range", 0.02),
     )
     prompt_encoder = SamPromptEncoderConfig(
         hidden_size=prompt_dim, image_size=sam["image_size"], patch_size=sam["patch_size"]
@@ -140,6 +143,18 @@ def assemble(
     ).eval()
 
 
+def _from_scratch(model: LisaModel) -> LisaModel:
+    """Initialisation fixes for training from scratch. transformers initialises SAM's random-Fourier
+    positional matrix with std = hidden_size/2 (harmless when pretrained weights overwrite it);
+    SAM's own code uses std 1, without which the mask decoder's position code is aliased noise."""
+    with torch.no_grad():
+        for emb in (model.sam.shared_image_embedding, model.sam.prompt_encoder.shared_embedding):
+            emb.positional_embedding.normal_(0.0, 1.0)
+        model.sam.prompt_encoder.shared_embedding.positional_embedding.copy_(
+            model.sam.shared_image_embedding.positional_embedding)
+    return model
+
+
 def random_lisa(
     *,
     name: str = "tiny_random",
@@ -161,7 +176,7 @@ def random_lisa(
     tokenizer = build_word_tokenizer(words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = assemble(
+        model = _from_scratch(assemble(
             vision_cfg=vision_config(vision, attn_implementation),
             llm_cfg=llm_config(llm, len(tokenizer), tokenizer.pad_token_id, attn_implementation),
             sam_cfg=sam_config(sam),
@@ -169,7 +184,7 @@ def random_lisa(
             vision_select_layer=vision.get("select_layer", -2),
             seg_query=seg_query,
             attn_implementation=attn_implementation,
-        ).to(resolve_dtype(dtype))
+        )).to(resolve_dtype(dtype))
     processor = LisaProcessor(tokenizer=tokenizer, clip_size=vision["image_size"], sam_size=sam["image_size"])
     return LoadedModel(model=model, processor=processor, name=name)
 
@@ -177,10 +192,10 @@ def random_lisa(
 def model_shape(cfg) -> tuple[int, int] | None:
     """(LLM layers, image tokens) read from a model config without loading weights, so that pruning
     schedules are validated before a slow load; None when only the checkpoint can tell."""
-    if cfg.get("path") or cfg.get("packaged"):
-        from cspexp.models.saved import packaged_path, saved_shape  # the saved format builds on this module
+    if cfg.get("path"):
+        from cspexp.models.saved import saved_shape  # the saved format builds on this module
 
-        return saved_shape(cfg["path"] if cfg.get("path") else packaged_path(cfg["name"]))
+        return saved_shape(cfg["path"])
     try:
         vision, llm = cfg["vision"], cfg["llm"]
         side = int(vision["image_size"]) // int(vision["patch_size"])

@@ -130,17 +130,3 @@ def _rebuild_buffers(model) -> None:
             else:
                 raise RuntimeError(f"cannot rebuild buffer {buf_name} of {type(module).__name__} after a meta-device build")
 
-
-def packaged_path(name: str) -> Path:
-    """The directory of a model shipped inside the package (``src/cspexp/assets/<name>``)."""
-    from importlib.resources import files
-
-    return Path(str(files("cspexp") / "assets" / name))
-
-
-def load_packaged(*, name: str, **kwargs) -> LoadedModel:
-    """A model shipped with cspexp, loaded offline from the package data."""
-    path = packaged_path(name)
-    if not (path / "model.safetensors").is_file():
-        raise MissingPathError(f"the packaged model {name!r} is missing from {path}; reinstall cspexp from a clone")
-    return load_saved(path=str(path), name=name, **kwargs)

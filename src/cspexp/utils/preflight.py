@@ -78,16 +78,27 @@ def preflight(conf_dir: Path, config_name: str, argv: list[str]) -> None:
             try:
                 compose(config_name=config_name, overrides=plain)
                 return
-            except (HydraException, OmegaConfBaseException) as exc:
+            except (HydraException, OmegaConfBaseException, ValueError) as exc:
                 error = exc
-            # Find the culprit against the config composed without user overrides (experiment
-            # selections kept: they may legitimately add keys).
-            base_overrides = [o.input_line for o in parsed if o.key_or_group in ("experiment",)]
-            try:
-                base = compose(config_name=config_name, overrides=base_overrides)
-            except (HydraException, OmegaConfBaseException):
-                base = None
+            # Find the culprit against the config composed with the user's group choices only
+            # (prune=csp, experiment=…): they decide which keys exist.
             loader = GlobalHydra.instance().config_loader()
+            for o in parsed:
+                options = loader.get_group_options(o.key_or_group)
+                if not options or o.is_delete():
+                    continue
+                if o.value() is None:
+                    _exit(f"{o.key_or_group}=null is not an option; choose one of: {', '.join(options)} "
+                          f"(or drop the group with ~{o.key_or_group})")
+                if isinstance(o.value(), str) and o.value() not in options:
+                    _exit(f"{o.key_or_group}={o.value()} is not a known option of '{o.key_or_group}'; "
+                          f"choose one of: {', '.join(options)}")
+            groups = [o.input_line for o in parsed
+                      if not o.key_or_group.startswith("hydra") and loader.get_group_options(o.key_or_group)]
+            try:
+                base = compose(config_name=config_name, overrides=groups)
+            except (HydraException, OmegaConfBaseException, ValueError):
+                base = None
             for o in parsed:
                 msg = _explain(base, lambda g: loader.get_group_options(g), o) if base is not None else None
                 if msg:

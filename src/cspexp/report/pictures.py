@@ -1,0 +1,144 @@
+"""Pictures people ask for: what the model segmented, and which image tokens a method kept.
+
+For each of a few fixed samples, one PNG: the image with the ground-truth mask (green outline) and
+the predicted mask (red fill), then one panel per *stage* — a run of layers that saw the same image
+tokens — with the 16×16 token grid drawn over the image, dropped cells darkened. For csp that shows
+the N_c representatives of the clustering stage, the full grid of the scattering stage, and the
+tokens the [SEG] query kept for the pruning stage.
+
+The kept sets are recorded by wrapping the method (`KeptRecorder`): the decoder loop calls the
+wrapper, which lets the method act and then notes the grid cells of the image tokens entering each
+layer. Nothing in the engine changes, and the numbers of the run are not affected (this is an extra
+pass over a few samples after the evaluation).
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cspexp.metrics.seg_iou import intersection_and_union, sample_iou  # noqa: E402
+from cspexp.models.lisa import IMAGE  # noqa: E402
+from cspexp.pruning.pipeline import segment  # noqa: E402
+
+
+class KeptRecorder:
+    """Wraps a `PruningMethod`; `kept[l][i]` lists the grid cells of the image tokens of sample i
+    entering layer l (after the method acted before that layer)."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+        self.name = method.name
+        self.needs_cls_attention = method.needs_cls_attention
+        self.kept: list[list[list[int]]] = []
+
+    def setup(self, state, ctx) -> None:
+        self.method.setup(state, ctx)
+
+    def before_layer(self, layer: int, state, ctx) -> None:
+        self.method.before_layer(layer, state, ctx)
+        is_image = state.kind == IMAGE
+        self.kept.append([sorted(state.grid[i][is_image[i]].tolist()) for i in range(state.batch_size)])
+
+
+def stages(per_layer: list[list[int]]) -> list[tuple[int, int, list[int]]]:
+    """Consecutive layers with the same kept cells, as (first layer, last layer, cells)."""
+    out: list[tuple[int, int, list[int]]] = []
+    for layer, cells in enumerate(per_layer):
+        if out and out[-1][2] == cells:
+            out[-1] = (out[-1][0], layer, cells)
+        else:
+            out.append((layer, layer, cells))
+    return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def record(loaded, method, items: list[dict]) -> tuple[list[torch.Tensor], KeptRecorder]:
+    """Run the items through the model with `method`; the predicted masks and the recorder."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    batch = _to_device(loaded.processor.collate(items), device)
+    recorder = KeptRecorder(method)
+    with torch.inference_mode():
+        out = segment(model, batch, recorder)
+    return [m.cpu() for m in out.masks], recorder
+
+
+def _clip_crop(h: int, w: int) -> tuple[float, float, float]:
+    """(top, left, side) of the centre square that CLIP's resize-and-crop turns into the token grid."""
+    side = min(h, w)
+    return (h - side) / 2.0, (w - side) / 2.0, float(side)
+
+
+def render_sample(item: dict, pred: torch.Tensor, per_layer: list[list[int]], grid: tuple[int, int],
+                  method_name: str) -> bytes:
+    image = np.asarray(item["image"])
+    gt = np.asarray(item["mask"])
+    pred_np = pred.numpy().astype(bool)
+    inter, union = intersection_and_union(pred, torch.from_numpy(gt.astype(np.uint8)))
+    iou = sample_iou(inter, union)
+    runs = stages(per_layer)
+    rows, cols = grid
+    n_tokens = rows * cols
+    h, w = image.shape[:2]
+    top, left, side = _clip_crop(h, w)
+
+    n_panels = 1 + len(runs)
+    fig, axes = plt.subplots(1, n_panels, figsize=(3.1 * n_panels, 3.7), squeeze=False)
+    axes = axes[0]
+    ax = axes[0]
+    ax.imshow(image)
+    red = np.zeros((h, w, 4))
+    red[pred_np] = (1.0, 0.1, 0.1, 0.45)
+    ax.imshow(red)
+    valid = gt != 255  # LISA's ignore label
+    ax.contour((gt == 1) & valid, levels=[0.5], colors=["lime"], linewidths=1.8)
+    ax.set_title(f"idx {item['idx']} · IoU {iou:.2f}\nred: predicted, green: ground truth", fontsize=8.5)
+    for ax, (layer0, layer1, cells) in zip(axes[1:], runs):
+        ax.imshow(image)
+        dropped = np.ones(n_tokens, dtype=bool)
+        dropped[cells] = False
+        shade = np.zeros((rows, cols, 4))
+        shade[dropped.reshape(rows, cols)] = (0.0, 0.0, 0.0, 0.72)
+        ax.imshow(shade, extent=(left, left + side, top + side, top), interpolation="nearest")
+        layers = f"layer {layer0}" if layer0 == layer1 else f"layers {layer0}–{layer1}"
+        ax.set_title(f"{layers}\n{len(cells)}/{n_tokens} image tokens kept", fontsize=8.5)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    query = textwrap.shorten(str(item.get("query", "")), width=110)
+    fig.suptitle(f"{method_name} · “{query}”", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def draw_token_pictures(loaded, method, items: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per item, ``<out_dir>/sample_<idx>.png``; returns the paths."""
+    from cspexp.outputs.files import write_bytes_atomic
+
+    if not items:
+        return []
+    masks, recorder = record(loaded, method, items)
+    paths = []
+    for i, item in enumerate(items):
+        per_layer = [layer[i] for layer in recorder.kept]
+        png = render_sample(item, masks[i], per_layer, loaded.model.grid_size, method.name)
+        path = Path(out_dir) / f"sample_{item['idx']}.png"
+        write_bytes_atomic(path, png)
+        paths.append(path)
+    return paths
