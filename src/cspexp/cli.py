@@ -21,11 +21,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cspexp.outputs.files import write_json_atomic
 from cspexp.utils.errors import ConfigError, CspexpError
+from cspexp.utils.hydra_mode import in_multirun
 
 log = logging.getLogger("cspexp")
 
@@ -93,7 +93,7 @@ def run_task(cfg: DictConfig, task):
     Returns the task's result, or None for a failed multirun job whose failure the sweep report
     carries (`_failure_is_reported`)."""
     out_dir = Path(cfg.paths.output_dir)
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    multirun = in_multirun()
     try:
         result = task(cfg)
     except CspexpError as exc:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -26,6 +25,7 @@ from cspexp.models.factory import model_shape
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from cspexp.outputs.results import build_results, config_hash
 from cspexp.utils.errors import ConfigError
+from cspexp.utils.hydra_mode import in_multirun
 from cspexp.utils.instantiate import build
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,8 @@ def build_logger(cfg: DictConfig):
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None
     extra = {}
-    if "group" in cfg.logger and cfg.logger.group is None and HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            extra["group"] = Path(str(hydra_cfg.sweep.dir)).name
+    if "group" in cfg.logger and cfg.logger.group is None and in_multirun():
+        extra["group"] = Path(str(HydraConfig.get().sweep.dir)).name
     return build(cfg.logger, **extra)
 
 
@@ -100,10 +98,7 @@ def wants_dense(cfg: DictConfig, method) -> bool:
     if method.name == "none" or setting is False:
         return False
     if setting == "auto":
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+        return not in_multirun()
     return bool(setting)
 
 

@@ -28,7 +28,7 @@ def answer_ce(model, out, batch) -> torch.Tensor:
     state = out.state
     input_ids = batch["input_ids"]
     n_image = model.n_image_tokens
-    losses = []
+    losses, n_supervised = [], 0
     for k in range(ANSWER_TOKENS):
         target_pos = state.seg_pos + k
         text_idx = target_pos - (n_image - 1)  # the token's index in the un-spliced prompt
@@ -40,9 +40,8 @@ def answer_ce(model, out, batch) -> torch.Tensor:
         hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
         logits = model.llm.lm_head(hidden).float()
         losses.append(F.cross_entropy(logits, labels.masked_fill(~ok, -100), ignore_index=-100, reduction="sum"))
-        # count of supervised tokens
-    n = sum(int(((state.seg_pos + k - (n_image - 1)) < input_ids.shape[1]).sum()) for k in range(ANSWER_TOKENS))
-    return torch.stack(losses).sum() / max(n, 1)
+        n_supervised += int(ok.sum())
+    return torch.stack(losses).sum() / max(n_supervised, 1)
 
 
 class TrainModule(L.LightningModule):
