@@ -47,10 +47,11 @@ class EvalModule(L.LightningModule):
             out = segment(self.model, batch, self.method, stopwatch=watch)
         ms = watch.collect()
         per_sample = {k: v / len(out.masks) for k, v in ms.items()}  # a batch's time, shared by its samples
-        self.metric.update(out.masks, batch["gt_masks"])
+        counts = [intersection_and_union(p, g.to(p.device), self.metric.ignore_index)
+                  for p, g in zip(out.masks, batch["gt_masks"], strict=True)]
+        self.metric.update_counts(counts)  # the same numbers the per-sample records keep
         trace = out.trace
-        for i, (pred, gt) in enumerate(zip(out.masks, batch["gt_masks"], strict=True)):
-            inter, union = intersection_and_union(pred, gt.to(pred.device))
+        for i, (inter, union) in enumerate(counts):
             self.records.append(
                 {
                     "idx": int(batch["idx"][i]),

@@ -49,8 +49,12 @@ class SegIoU(Metric):
 
     def update(self, preds: list[torch.Tensor] | torch.Tensor, targets: list[torch.Tensor] | torch.Tensor) -> None:
         """`preds`: binary masks; `targets`: {0, 1, 255} masks; one pair per sample (lists or stacked)."""
-        for pred, target in zip(preds, targets, strict=True):
-            inter, union = intersection_and_union(pred, target.to(pred.device), self.ignore_index)
+        counts = [intersection_and_union(p, t.to(p.device), self.ignore_index) for p, t in zip(preds, targets, strict=True)]
+        self.update_counts(counts)
+
+    def update_counts(self, counts: list[tuple[int, int]]) -> None:
+        """Accumulate per-sample (intersection, union) pairs already computed by the caller."""
+        for inter, union in counts:
             self.intersection += inter
             self.union += union
             self.iou_sum += sample_iou(inter, union)
