@@ -1,8 +1,12 @@
-"""cspexp's own model directory: ``config.json`` + ``model.safetensors`` + ``tokenizer.json``.
+"""cspexp's own model directory: ``config.json`` + ``model.safetensors`` + the tokenizer.
 
 The format of packaged and converted models: the three transformers sub-configs (CLIP vision,
 LLaMA, SAM) are stored as their own ``to_dict()``, so the architecture is rebuilt exactly, and the
 state dict of `LisaModel` is loaded strictly (a missing or unexpected key is an error that lists it).
+config.json's ``tokenizer`` says which tokenizer the directory holds: ``word_level`` (the tiny
+models: ``tokenizer.json``) or ``lisa`` (a converted LISA checkpoint: LISA's tokenizer files in
+``tokenizer/``, read by `cspexp.models.lisa_tokenizer`). Directories written before the field
+existed are word-level.
 """
 
 from __future__ import annotations
@@ -21,7 +25,27 @@ from cspexp.utils.errors import ConfigError, MissingPathError
 
 FORMAT = "cspexp-lisa"
 VERSION = 1
-FILES = ("config.json", "model.safetensors", "tokenizer.json")
+FILES = ("config.json", "model.safetensors")
+# config.json "tokenizer" → the file or directory holding it
+TOKENIZER_FILES = {"word_level": "tokenizer.json", "lisa": "tokenizer"}
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """LISA's tokenizer (`cspexp.models.lisa_tokenizer`) builds the prompt ids itself; the word-level one does not."""
+    return "lisa" if hasattr(tokenizer, "encode_prompt") else "word_level"
+
+
+def state_for_safetensors(model) -> dict:
+    """The state dict with no two tensors sharing storage, which safetensors refuses (SAM ties its
+    prompt encoder's positional matrix to shared_image_embedding; loading gives each key its own
+    copy). Only those tensors are copied, so saving a 7B model needs no second copy of it."""
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        ptr = (value.device, value.untyped_storage().data_ptr())
+        state[key] = value.clone() if ptr in seen else value.contiguous()
+        seen.add(ptr)
+    return state
 
 
 def save_model(loaded: LoadedModel, path: str | Path) -> Path:
@@ -29,23 +53,25 @@ def save_model(loaded: LoadedModel, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = loaded.model
+    tokenizer = loaded.processor.tokenizer
+    kind = tokenizer_kind(tokenizer)
     config = {
         "format": FORMAT,
         "version": VERSION,
         "name": loaded.name,
         "vision_select_layer": model.vision_select_layer,
         "seg_query": model.seg_query,
-        "tokenizer": "word_level",
+        "tokenizer": kind,
         "vision_config": model.vision_tower.config.to_dict(),
         "llm_config": model.llm.config.to_dict(),
         "sam_config": model.sam.config.to_dict(),
     }
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    # SAM ties its prompt encoder's positional embedding to shared_image_embedding; safetensors
-    # refuses shared storage, so tensors are saved as independent copies (loading re-ties them).
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"), metadata={"format": FORMAT})
-    save_word_tokenizer(loaded.processor.tokenizer, path / "tokenizer.json")
+    save_file(state_for_safetensors(model), str(path / "model.safetensors"), metadata={"format": FORMAT})
+    if kind == "lisa":
+        tokenizer.save(path / TOKENIZER_FILES[kind])
+    else:
+        save_word_tokenizer(tokenizer, path / TOKENIZER_FILES[kind])
     return path
 
 
@@ -53,12 +79,24 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise MissingPathError(f"model.path={str(path)!r} does not exist or is not a directory")
-    missing = [f for f in FILES if not (path / f).is_file()]
+    config = {}
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            found = config.get("format") if isinstance(config, dict) else None
+            hint = " (an original LISA checkpoint? load it with model=lisa, or convert it with python -m cspexp.convert)" \
+                if isinstance(config, dict) and config.get("model_type") == "llava" else ""
+            raise ConfigError(f"{path / 'config.json'} is not a cspexp model config (format {found!r}){hint}")
+    kind = config.get("tokenizer", "word_level")
+    if kind not in TOKENIZER_FILES:
+        raise ConfigError(f"{path / 'config.json'}: tokenizer {kind!r} is not one of {sorted(TOKENIZER_FILES)}")
+    files = (*FILES, TOKENIZER_FILES[kind])
+    missing = [f for f in files if not (path / f).exists()]
     if missing:
-        raise MissingPathError(f"model.path={str(path)!r} lacks {', '.join(missing)} (a cspexp model directory has {', '.join(FILES)})")
-    config = json.loads((path / "config.json").read_text())
-    if config.get("format") != FORMAT:
-        raise ConfigError(f"{path / 'config.json'} is not a cspexp model config (format {config.get('format')!r})")
+        raise MissingPathError(f"model.path={str(path)!r} lacks {', '.join(missing)} (a cspexp model directory has {', '.join(files)})")
     return config
 
 
@@ -82,7 +120,13 @@ def load_saved(
     """Load a model directory written by `save_model` (strict: every key must match)."""
     config = read_config(path)
     path = Path(path)
-    tokenizer = load_word_tokenizer(path / "tokenizer.json")
+    kind = config.get("tokenizer", "word_level")
+    if kind == "lisa":
+        from cspexp.models.lisa_tokenizer import load_lisa_tokenizer
+
+        tokenizer = load_lisa_tokenizer(path / TOKENIZER_FILES[kind])
+    else:
+        tokenizer = load_word_tokenizer(path / TOKENIZER_FILES[kind])
     with torch.device("meta"):
         # Built on the meta device: no memory for random init, weights come from the file below.
         model = assemble(
@@ -94,6 +138,8 @@ def load_saved(
             seg_query=seg_query or config["seg_query"],
             attn_implementation=attn_implementation,
         )
+    if kind == "lisa":  # LISA's placeholder id is −200, not a vocabulary entry: the tokenizer says so
+        model.image_token_id, model.seg_token_id = tokenizer.image_token_id, tokenizer.seg_token_id
     state = load_file(str(path / "model.safetensors"))
     expected = set(model.state_dict().keys())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
