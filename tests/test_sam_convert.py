@@ -139,14 +139,15 @@ def test_dense_positional_encoding_matches_original(pair):
     torch.testing.assert_close(got, want, **TOL)
 
 
-def _original_text_prompt(original, image_embedding, text):
-    """LISA's mask decoding (model/LISA.py): the [SEG] embeddings `text` [n, C] of one image are
-    appended to the (empty) sparse prompt, the dense prompt is no_mask_embed."""
+def _original_text_prompt(original, image_embedding, text, multimask=False):
+    """LISA's mask decoding (model/LISA.py) in Meta's code: the [SEG] embeddings `text` [n, C] of one
+    image are appended to the (empty) sparse prompt; the dense prompt is no_mask_embed."""
     sparse, dense = original.prompt_encoder(points=None, boxes=None, masks=None)
     sparse = torch.cat([sparse.expand(len(text), -1, -1), text[:, None, :]], dim=1)  # [n, 1, C]
     return original.mask_decoder(image_embeddings=image_embedding, image_pe=original.prompt_encoder.get_dense_pe(),
-                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense.expand(len(text), -1, -1, -1),
-                                 multimask_output=False)
+                                 sparse_prompt_embeddings=sparse,
+                                 dense_prompt_embeddings=dense.expand(len(text), -1, -1, -1),
+                                 multimask_output=multimask)
 
 
 @pytest.mark.parametrize("multimask", [False, True])
@@ -157,11 +158,7 @@ def test_mask_decoder_with_text_embedding_matches_original(pair, multimask):
     embedding = torch.randn(1, TINY["prompt_dim"], TINY["grid"], TINY["grid"], generator=g)
     text = torch.randn(2, TINY["prompt_dim"], generator=g)
     with torch.no_grad():
-        sparse, dense = original.prompt_encoder(points=None, boxes=None, masks=None)
-        want_masks, want_iou = original.mask_decoder(
-            image_embeddings=embedding, image_pe=original.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=torch.cat([sparse.expand(2, -1, -1), text[:, None, :]], dim=1),
-            dense_prompt_embeddings=dense.expand(2, -1, -1, -1), multimask_output=multimask)
+        want_masks, want_iou = _original_text_prompt(original, embedding, text, multimask)
         got_masks, got_iou = hf.mask_decoder(
             image_embeddings=embedding, image_positional_embeddings=hf.get_image_wide_positional_embeddings(),
             sparse_prompt_embeddings=text[None, :, None, :],  # [image, point_batch, tokens, C]

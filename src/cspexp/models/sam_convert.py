@@ -222,23 +222,19 @@ def original_key_for(hf_key: str, *, iou_head_depth: int = 3) -> str:
     raise _unknown(hf_key, "hf")
 
 
-def _iou_head_depth_original(keys) -> int:
-    return len({m["k"] for key in keys if (m := _MLP_HEAD_ORIGINAL.fullmatch(key)) and m["head"] == "iou_prediction_head"})
-
-
 def convert_sam_state_dict(state: Mapping[str, Tensor], config: SamConfig | None = None) -> dict[str, Tensor]:
     """Whole original SAM state dict -> SamModel state dict (uses hf_keys_for; strict).
 
     Strict: an unknown key, and any key or shape that differs from `SamModel(config)` — `config`
     inferred from the shapes when None — raises ConfigError naming the original keys. Tensors are not
     copied; the Gaussian matrix appears under both tied SamModel keys."""
-    depth = _iou_head_depth_original(state)
+    if config is None:
+        config = sam_config_from_weights(state)
+    depth = config.mask_decoder_config.iou_head_depth
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         for hf_key in hf_keys_for(key, iou_head_depth=depth):
             out[hf_key] = value
-    if config is None:
-        config = sam_config_from_weights(state)
     _check_against_model(out, config, iou_head_depth=depth)
     return out
 
