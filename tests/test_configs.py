@@ -29,8 +29,10 @@ def test_every_option_composes(compose_cfg, group):
 def test_buildable_groups_instantiate(compose_cfg, tmp_path):
     from cspexp.data import build_dataset
     from test_folder import write_folder
+    from test_reasonseg import write_reasonseg
 
     data_root = write_folder(tmp_path / "folder")
+    roots = {"folder": data_root, "reasonseg": write_reasonseg(tmp_path / "reasonseg")}
 
     cfg = compose_cfg("dataset.n=2")
     for option in options("prune"):
@@ -38,8 +40,8 @@ def test_buildable_groups_instantiate(compose_cfg, tmp_path):
         method.validate(8, 256)
     for option in options("dataset"):
         overrides = [f"dataset={option}", "dataset.n=2"]
-        if option == "folder":
-            overrides.append(f"dataset.root={data_root}")
+        if option in roots:
+            overrides.append(f"dataset.root={roots[option]}")
         assert len(build_dataset(compose_cfg(*overrides).dataset)) == 2
     from cspexp.metrics import SegIoU
 

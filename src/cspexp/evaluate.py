@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cspexp.data import build_dataset, vocabulary
+from cspexp.data.files import skipped_summary
 from cspexp.flops.analytic import LlmDims, sample_flops
 from cspexp.flops.analytic import summarize as summarize_flops
 from cspexp.lit.eval_module import EvalModule
@@ -210,6 +211,8 @@ def evaluate(cfg: DictConfig) -> dict:
         memory_mb=module.peak_memory_mb,
     )
     results["dense"] = dense
+    # Samples dataset.on_error=skip left out: n_samples counts only what was evaluated.
+    results["skipped"] = skipped_summary(dataset)
     n_viz = int((cfg.get("viz") or {}).get("n_samples", 0) or 0)
     if n_viz > 0:
         draw_pictures(loaded, method, dataset, n_viz, out_dir, logger)
