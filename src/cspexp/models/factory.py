@@ -192,6 +192,10 @@ def random_lisa(
 def model_shape(cfg) -> tuple[int, int] | None:
     """(LLM layers, image tokens) read from a model config without loading weights, so that pruning
     schedules are validated before a slow load; None when only the checkpoint can tell."""
+    if cfg.get("path") and cfg.get("vision_tower"):  # an original LISA checkpoint + its CLIP directory
+        from cspexp.models.lisa_checkpoint import lisa_shape
+
+        return lisa_shape(cfg["path"], cfg["vision_tower"])
     if cfg.get("path"):
         from cspexp.models.saved import saved_shape  # the saved format builds on this module
 
