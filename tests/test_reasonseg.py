@@ -301,3 +301,13 @@ def test_cli_end_to_end_with_a_skipped_sample(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert sorted(r["idx"] for r in rows) == [0, 1]
     assert "left out val/c.jpg" in proc.stderr + proc.stdout
+
+
+def test_auto_falls_back_to_pil_without_opencv(tmp_path, monkeypatch):
+    import cspexp.data.reasonseg as reasonseg
+
+    monkeypatch.setattr(reasonseg, "cv2_available", lambda: False)
+    ds = ReasonSegDataset(root=str(write_reasonseg(tmp_path)))
+    assert ds.rasterizer == "pil" and np.array_equal(ds[0]["mask"], expected_mask())
+    with pytest.raises(ConfigError, match="dataset.rasterizer=cv2 needs OpenCV: pip install opencv-python-headless"):
+        ReasonSegDataset(root=str(tmp_path), rasterizer="cv2")
