@@ -30,9 +30,11 @@ def test_buildable_groups_instantiate(compose_cfg, tmp_path):
     from cspexp.data import build_dataset
     from test_folder import write_folder
     from test_reasonseg import write_reasonseg
+    from test_refcoco import write_refer
 
     data_root = write_folder(tmp_path / "folder")
-    roots = {"folder": data_root, "reasonseg": write_reasonseg(tmp_path / "reasonseg")}
+    roots = {"folder": data_root, "reasonseg": write_reasonseg(tmp_path / "reasonseg"),
+             "refcoco": write_refer(tmp_path / "refcoco")}
 
     cfg = compose_cfg("dataset.n=2")
     for option in options("prune"):
