@@ -59,11 +59,24 @@ def sam_preprocess(image: np.ndarray, size: int, mean=SAM_MEAN, std=SAM_STD) -> 
     return torch.from_numpy(out.transpose(2, 0, 1).copy()), (new_h, new_w)
 
 
+def encode_lisa_prompt(tokenizer, query: str, is_sentence: bool, answer: bool = True) -> list[int]:
+    """Token ids of LISA's evaluation prompt (one image placeholder; answer ``[SEG].`` unless `answer` is False).
+
+    A tokenizer with its own ``encode_prompt`` (`cspexp.models.lisa_tokenizer.LisaTokenizer`: LISA's exact
+    slow-tokenizer ids, -200 for the image) does it itself; the word-level tokenizers of the small models
+    encode the prompt text, with the ``<image>`` token's own id as the placeholder.
+    """
+    if hasattr(tokenizer, "encode_prompt"):
+        return tokenizer.encode_prompt(query, is_sentence, answer=answer)
+    text = lisa_prompt.lisa_prompt(query, is_sentence, answer=lisa_prompt.ANSWER if answer else None)
+    return tokenizer(text)["input_ids"]
+
+
 @dataclass
 class LisaProcessor:
     """Turns dataset items into model batches. `collate` is the DataLoader's ``collate_fn``."""
 
-    tokenizer: object  # a transformers tokenizer holding <image> and [SEG]
+    tokenizer: object  # a word-level transformers tokenizer holding <image> and [SEG], or a LisaTokenizer
     clip_size: int
     sam_size: int
 
@@ -74,7 +87,7 @@ class LisaProcessor:
 
     def encode_prompt(self, query: str, is_sentence: bool) -> list[int]:
         """Token ids of LISA's evaluation prompt (one ``<image>`` placeholder, answer ``[SEG].``)."""
-        return self.tokenizer(lisa_prompt.lisa_prompt(query, is_sentence))["input_ids"]
+        return encode_lisa_prompt(self.tokenizer, query, is_sentence)
 
     def collate(self, items: Sequence[dict]) -> dict:
         ids = [self.encode_prompt(it["query"], bool(it.get("is_sentence", False))) for it in items]
