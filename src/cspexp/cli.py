@@ -137,6 +137,7 @@ def objective_values(results: dict, paths) -> float | tuple[float, ...]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def eval_main(cfg: DictConfig):
     from cspexp.evaluate import evaluate
+    from cspexp.lit.distributed import process_rank
     from cspexp.outputs.table import print_summary
 
     def evaluate_and_score(cfg: DictConfig):
@@ -151,7 +152,7 @@ def eval_main(cfg: DictConfig):
     if outcome is None:  # a failed multirun job, listed in the sweep's report
         return None
     results, score = outcome
-    if cfg.get("print_table", True):
+    if cfg.get("print_table", True) and process_rank() == 0:  # trainer=ddp: once, not once per process
         print_summary(results)
     return score
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from cspexp.data import build_dataset, vocabulary
 from cspexp.data.files import skipped_summary
+from cspexp.data.sampling import EvalData
 from cspexp.flops.analytic import LlmDims, sample_flops
 from cspexp.flops.analytic import summarize as summarize_flops
+from cspexp.lit.distributed import check_processes, process_rank, share_from_rank_zero
 from cspexp.lit.eval_module import EvalModule
 from cspexp.models.factory import model_shape
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -103,18 +104,23 @@ def wants_dense(cfg: DictConfig, method) -> bool:
     return bool(setting)
 
 
-def dense_reference(cfg: DictConfig, loaded, loader, dims: LlmDims) -> dict:
-    """The dense model on the same samples: the reference row of the summary table."""
+def dense_reference(cfg: DictConfig, loaded, data: EvalData, dims: LlmDims) -> dict | None:
+    """The dense model on the same samples: the reference row of the summary table. Under
+    ``trainer=ddp`` it is a second distributed test on every rank; the row is returned on rank 0,
+    None on the others."""
     from cspexp.pruning.methods import NoPruning
 
     module = EvalModule(loaded, NoPruning(), build(cfg.metrics), warmup=cfg.latency.warmup)
-    build(cfg.trainer, logger=False, enable_progress_bar=False).test(module, dataloaders=loader, verbose=False)
-    records = module.records
-    metrics = {k: float(v) for k, v in module.metric.compute().items()}
+    trainer = build(cfg.trainer, logger=False, enable_progress_bar=False)
+    trainer.test(module, datamodule=data, verbose=False)
+    outcome = module.collect(trainer.strategy.root_device)
+    if outcome is None:
+        return None
+    records = outcome.records
     flops = account_flops(records, dims, loaded.model.n_image_tokens)
     per_layer = [sum(r["image_per_layer"][l] for r in records) / len(records) for l in range(dims.num_layers)]
     return {
-        "metrics": metrics,
+        "metrics": outcome.metrics,
         "flops": flops,
         "avg_image_per_layer": sum(per_layer) / len(per_layer),
         "latency_ms": mean_latency(records),
@@ -154,19 +160,25 @@ def draw_pictures(loaded, method, dataset, n: int, out_dir: Path, logger) -> lis
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the configured evaluation and write `samples.jsonl` and `results.json` to
-    ``cfg.paths.output_dir``. Returns the results dict."""
+    ``cfg.paths.output_dir``. Returns the results dict.
+
+    Under ``trainer=ddp`` every process runs this function, each on its own slice of the samples
+    (`EvalData`); only rank 0 reads or writes the run directory and talks to the logger, and every
+    rank returns rank 0's results."""
     out_dir = Path(cfg.paths.output_dir)
     require_values(cfg)
-    # Resume: a job whose results.json holds this config is done (`force=true` runs it again).
-    previous = None if cfg.get("force") else finished_results(out_dir, cfg)
-    if previous is not None:
-        log.info("skipped: %s already holds the results of this config (config_hash %s); force=true re-runs it",
-                 out_dir, previous["config_hash"])
-        return previous
-    # Anything an earlier attempt left here is about to be replaced; if this run fails, no stale
-    # results.json may remain to be read as its outcome.
-    for name in ("results.json", "samples.jsonl"):
-        (out_dir / name).unlink(missing_ok=True)
+    main_process = process_rank() == 0
+    if main_process:  # the other processes of trainer=ddp exist only once rank 0 has got past this
+        # Resume: a job whose results.json holds this config is done (`force=true` runs it again).
+        previous = None if cfg.get("force") else finished_results(out_dir, cfg)
+        if previous is not None:
+            log.info("skipped: %s already holds the results of this config (config_hash %s); force=true re-runs it",
+                     out_dir, previous["config_hash"])
+            return previous
+        # Anything an earlier attempt left here is about to be replaced; if this run fails, no stale
+        # results.json may remain to be read as its outcome.
+        for name in ("results.json", "samples.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     method = build(cfg.prune)
@@ -178,41 +190,46 @@ def evaluate(cfg: DictConfig) -> dict:
     if shape is None:
         method.validate(loaded.model.num_layers, loaded.model.n_image_tokens)
 
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.dataset.batch_size,
-        shuffle=False,
-        num_workers=cfg.dataset.num_workers,
-        collate_fn=loaded.processor.collate,
-    )
-    logger = build_logger(cfg)
+    data = EvalData(dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, loaded.processor.collate)
+    # One W&B run (or CSV log) per evaluation: rank 0's (framework.md W6).
+    logger = build_logger(cfg) if main_process else None
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build(cfg.trainer, logger=logger if logger is not None else False)
-    if cfg.flops.report:
-        report_breakdown(loaded, method, next(iter(loader)), out_dir)
+    check_processes(trainer, len(dataset))
+    if cfg.flops.report and main_process:
+        # Before the test, hence before trainer=ddp starts its other processes: nobody waits on it.
+        report_breakdown(loaded, method, data.first_batch(), out_dir)
     module = EvalModule(loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup)
-    trainer.test(module, dataloaders=loader, verbose=False)
+    trainer.test(module, datamodule=data, verbose=False)
+    outcome = module.collect(trainer.strategy.root_device)  # every rank; the merged records on rank 0
 
-    records = sorted(module.records, key=lambda r: r["idx"])
-    metrics = {k: float(v) for k, v in module.metric.compute().items()}
     dims = LlmDims.from_config(loaded.model.llm.config)
+    dense = dense_reference(cfg, loaded, data, dims) if wants_dense(cfg, method) else None
+    if not main_process:
+        return share_from_rank_zero(None)  # this process is done: rank 0 writes the outputs
+    records = outcome.records
     flops = account_flops(records, dims, loaded.model.n_image_tokens)
-    dense = dense_reference(cfg, loaded, loader, dims) if wants_dense(cfg, method) else None
     results = build_results(
         cfg=cfg,
         method_info=method.describe(),
         model_name=loaded.name,
         model_dims=loaded.dims(),
-        metrics=metrics,
+        metrics=outcome.metrics,
         records=records,
         flops=flops,
-        latency_ms=mean_latency(records),
-        memory_mb=module.peak_memory_mb,
+        latency_ms=mean_latency(records),  # each sample timed on the process that ran it
+        memory_mb=outcome.memory_mb,
     )
     results["dense"] = dense
     # Samples dataset.on_error=skip left out: n_samples counts only what was evaluated.
     results["skipped"] = skipped_summary(dataset)
+    results["distributed"] = {
+        "world_size": len(outcome.samples_per_rank),
+        "samples_per_rank": outcome.samples_per_rank,
+        "memory_mb_per_rank": outcome.memory_mb_per_rank,
+    }
+    results = share_from_rank_zero(results)
     n_viz = int((cfg.get("viz") or {}).get("n_samples", 0) or 0)
     if n_viz > 0:
         draw_pictures(loaded, method, dataset, n_viz, out_dir, logger)
@@ -220,6 +237,9 @@ def evaluate(cfg: DictConfig) -> dict:
     write_json_atomic(out_dir / "results.json", results)
     (out_dir / "error.json").unlink(missing_ok=True)  # left by an earlier failed attempt in this dir
     if logger is not None:
+        # Logged here, not in the test loop: only now are the metrics reduced over all processes.
+        logger.log_metrics({f"test/{k}": v for k, v in results["metrics"].items()})
+        logger.save()
         summary = {"giou": results["metrics"]["giou"], "ciou": results["metrics"]["ciou"], "n_samples": len(records),
                    "avg_image_tokens_per_layer": results["tokens"]["avg_image_per_layer"],
                    "flops_image": flops["image"], "flops_llm": flops["llm"],
@@ -229,6 +249,8 @@ def evaluate(cfg: DictConfig) -> dict:
                    "method": results["method"], "keep": results["prune"].get("keep"),
                    "flops_image_dense": flops["image_dense"], "config_hash": results["config_hash"],
                    "objective": objective(cfg, results)}
-        logger.experiment.summary.update(summary)
+        run_summary = getattr(logger.experiment, "summary", None)  # a W&B run's; the CSV logger has none
+        if run_summary is not None:
+            run_summary.update(summary)
     log.info("results written to %s", out_dir / "results.json")
     return results

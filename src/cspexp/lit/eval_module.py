@@ -1,9 +1,18 @@
-"""Lightning evaluation: one `test_step` = one pruned segmentation pass over a batch."""
+"""Lightning evaluation: one `test_step` = one pruned segmentation pass over a batch.
+
+Under multi-process evaluation (``trainer=ddp``) each rank runs the loop on its own slice of the
+samples; `EvalModule.collect` then brings the ranks together once, after the loop.
+"""
 
 from __future__ import annotations
 
-import lightning as L
+from collections import Counter
+from dataclasses import dataclass
 
+import lightning as L
+import torch
+
+from cspexp.lit.distributed import gather_to_rank_zero
 from cspexp.metrics.seg_iou import SegIoU, intersection_and_union, sample_iou
 from cspexp.models.factory import LoadedModel
 from cspexp.pruning.methods.base import PruningMethod
@@ -11,11 +20,28 @@ from cspexp.pruning.pipeline import segment
 from cspexp.utils.timing import Stopwatch, peak_memory_mb, reset_peak_memory
 
 
+@dataclass
+class EvalOutcome:
+    """One evaluation over all processes, assembled on rank 0."""
+
+    records: list[dict]  # one per sample, sorted by idx
+    metrics: dict[str, float]  # gIoU and cIoU over all samples
+    samples_per_rank: list[int]
+    memory_mb_per_rank: list[float | None]  # each process's peak (its GPU, or its RSS on CPU)
+
+    @property
+    def memory_mb(self) -> float | None:
+        """The largest per-process peak: what one device must hold."""
+        peaks = [m for m in self.memory_mb_per_rank if m is not None]
+        return max(peaks) if peaks else None
+
+
 class EvalModule(L.LightningModule):
     """Runs `segment` with a pruning method, accumulates LISA's metrics and keeps one record per sample.
 
     The records (keyed by the dataset's ``idx``) are the ground truth of the run: `results.json`'s
-    metrics can be recomputed from them, and under multi-process evaluation they are merged by idx.
+    metrics can be recomputed from them, and under multi-process evaluation they are merged by idx
+    (`collect`).
     """
 
     def __init__(self, loaded: LoadedModel, method: PruningMethod, metric: SegIoU | None = None,
@@ -67,6 +93,29 @@ class EvalModule(L.LightningModule):
             )
 
     def on_test_epoch_end(self) -> None:
-        values = self.metric.compute()
-        self.log_dict({f"test/{k}": v for k, v in values.items()}, batch_size=1)
+        # No metric sync here: a collective inside the loop hangs if one rank's loop is cut short.
         self.peak_memory_mb = peak_memory_mb(self.device)
+
+    def collect(self, device: torch.device) -> EvalOutcome | None:
+        """Call on every rank after ``trainer.test``: the metric reduced over all ranks and, on rank 0,
+        the records of all ranks merged by idx. None on the other ranks.
+
+        Lightning has moved the module back to the CPU by now; the metric's states go to the rank's
+        `device` first, because NCCL reduces CUDA tensors only."""
+        # torchmetrics syncs inside compute(): the states are summed over ranks (dist_reduce_fx="sum"),
+        # which is exact because no sample is evaluated twice.
+        metrics = {k: float(v) for k, v in self.metric.to(device).compute().items()}
+        parts = gather_to_rank_zero({"records": self.records, "memory_mb": self.peak_memory_mb})
+        if parts is None:
+            return None
+        records = sorted((r for part in parts for r in part["records"]), key=lambda r: r["idx"])
+        repeated = sorted(i for i, n in Counter(r["idx"] for r in records).items() if n > 1)
+        if repeated:
+            raise RuntimeError(f"samples evaluated more than once across processes (idx {repeated[:10]}): "
+                               "the metrics would be biased; the test loader's sampler must not repeat samples")
+        return EvalOutcome(
+            records=records,
+            metrics=metrics,
+            samples_per_rank=[len(part["records"]) for part in parts],
+            memory_mb_per_rank=[part["memory_mb"] for part in parts],
+        )
