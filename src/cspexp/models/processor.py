@@ -1,7 +1,7 @@
 """LISA's preprocessing: the CLIP branch, the SAM branch, the prompt, and batch collation.
 
-- CLIP branch (``CLIPImageProcessor`` of ``openai/clip-vit-large-patch14``): shortest side → 224 with
-  bicubic resampling, centre crop 224×224, scale to [0, 1], CLIP mean/std.
+- CLIP branch (``CLIPImageProcessor`` of ``openai/clip-vit-large-patch14``): shortest side → 224 (the
+  other side truncated to an integer) with bicubic resampling, centre crop 224×224, scale to [0, 1], CLIP mean/std.
 - SAM branch (LISA's ``ResizeLongestSide`` + ``Sam.preprocess``): longest side → 1024 with
   ``int(x·scale + 0.5)`` rounding and bilinear resampling, normalise on the 0–255 scale with SAM's
   mean/std, zero-pad bottom/right to a square.
@@ -28,8 +28,9 @@ SAM_STD = (58.395, 57.12, 57.375)
 def clip_preprocess(image: np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """uint8 [H, W, 3] → float [3, size, size]."""
     h, w = image.shape[:2]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    # transformers' get_resize_output_image_size: the long side is truncated, int(size · long / short)
+    # (rounding it instead resizes 640×480 to 299×224, not LISA's 298×224: tests/test_preprocess.py).
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     pil = Image.fromarray(image)
     if (new_h, new_w) != (h, w):
         pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
