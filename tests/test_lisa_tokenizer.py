@@ -287,9 +287,9 @@ def run_prompt(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_lisa_ids_from_the_tokenizer_files_alone():
-    """model=lisa on a directory with tokenizer files only: no weights are read."""
+    """A checkpoint directory with tokenizer files only (no config.json, no weights): nothing else is read."""
     c = case("v1", 4)
-    proc = run_prompt("model=lisa", f"model.path={FIXTURE / 'v1'}", f"query={c['query']}", "sentence=false")
+    proc = run_prompt("model=converted", f"model.path={FIXTURE / 'v1'}", f"query={c['query']}", "sentence=false")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["prompt"] == c["prompt"] and out["input_ids"] == c["input_ids"]
@@ -309,9 +309,39 @@ def test_cli_tiny_model_prints_its_word_ids(capsys):
     assert "[SEG]" not in out["tokens"] and out["prompt"].endswith("ASSISTANT:")
 
 
+def test_cli_reads_a_converted_lisa_directory(tmp_path, capsys):
+    """A cspexp model directory holding LISA's tokenizer (config.json "tokenizer": "lisa", files in tokenizer/)."""
+    from cspexp.models.saved import FORMAT
+    from cspexp.prompt import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"format": FORMAT, "tokenizer": "lisa"}))
+    copy_layout("llama2_nonlegacy", tmp_path / "tokenizer")
+    c = case("llama2_nonlegacy", 2)
+    main(["model=converted", f"model.path={tmp_path}", f"query={c['query']}"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_ids"] == c["input_ids"] and out["seg_token_id"] == 700
+
+
+def test_cli_reads_a_saved_word_level_model(tmp_path, capsys):
+    """A tiny model directory: its own tokenizer.json decides the ids (a word outside it is <unk>)."""
+    from omegaconf import OmegaConf
+
+    from cspexp.models.saved import save_model
+    from cspexp.prompt import main
+    from cspexp.utils.instantiate import build
+
+    from conftest import CONF_DIR
+
+    save_model(build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=["zebra"]), tmp_path)
+    main(["model=converted", f"model.path={tmp_path}", "query=the zebra circle", "sentence=true"])
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    start = tokens.index("<im_end>") + 1
+    assert tokens[start:start + 3] == ["the", "zebra", "<unk>"]  # "circle" is a shapes word, not in this model
+
+
 @pytest.mark.parametrize("args,message", [
-    (["model=lisa", "model.path={empty}", "query=x"], "neither tokenizer.model"),
-    (["model=lisa", "query=x"], "model.path is required"),
+    (["model=converted", "model.path={empty}", "query=x"], "neither tokenizer.model"),
+    (["model=converted", "query=x"], "model.path is required"),
     (["model=tiny_random"], 'query="…" is required'),
     (["model=tiny_random", "query=x", "sentence=maybe"], "sentence=maybe is not allowed"),
 ])

@@ -38,11 +38,14 @@ def load_prompt_tokenizer(cfg: DictConfig):
         directory = Path(path)
         if not directory.is_dir():
             raise MissingPathError(f"model.path={str(path)!r} does not exist or is not a directory")
-        if _cspexp_tokenizer_kind(directory) == "word_level":
+        kind = _cspexp_tokenizer_kind(directory)
+        if kind == "word_level":
             from cspexp.models.tokenizer import load_word_tokenizer
 
             return load_word_tokenizer(directory / "tokenizer.json")
-        return load_lisa_tokenizer(directory)  # a LISA checkpoint, or a converted one with LISA's tokenizer
+        if kind is not None and (directory / "tokenizer").is_dir():
+            return load_lisa_tokenizer(directory / "tokenizer")  # a converted LISA model (cspexp.models.saved)
+        return load_lisa_tokenizer(directory)  # an original LISA checkpoint
     from cspexp.data import build_dataset, vocabulary
     from cspexp.models.tokenizer import build_word_tokenizer
 
@@ -50,14 +53,15 @@ def load_prompt_tokenizer(cfg: DictConfig):
 
 
 def _cspexp_tokenizer_kind(directory: Path) -> str | None:
-    """The ``tokenizer`` entry of a cspexp model directory's config.json (None for other directories)."""
+    """The ``tokenizer`` entry of a cspexp model directory's config.json (``word_level`` when absent: the
+    tiny models' ``tokenizer.json``; ``lisa``: LISA's files in ``tokenizer/``); None for other directories."""
     from cspexp.models.saved import FORMAT
 
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return config.get("tokenizer") if isinstance(config, dict) and config.get("format") == FORMAT else None
+    return config.get("tokenizer", "word_level") if isinstance(config, dict) and config.get("format") == FORMAT else None
 
 
 def _flag(cfg: DictConfig, key: str) -> bool:
