@@ -23,12 +23,14 @@ and at chunk starts, so this module re-implements the slow tokenizer's rules on 
    start of every later piece; when the rest of the first piece is not in the vocabulary, its id
    is ``<unk>`` (0).
 
-That last rule is what JIA-Lab-research/LISA#193 shows: ``… 29901, 32001, -200, 32002, 0, 29879, 505 …``
-("Birds have…": ``▁Bird`` loses its ``▁``, ``Bird`` is no LLaMA piece → 0) and ``32000, 29889, 2`` (a
-bare ``.`` after ``[SEG]``) — the ids of a ``legacy: false`` tokenizer (a 13B-llama2 layout, [SEG] =
-32000). With LISA-7B-v1's files (legacy, 4.31's default) the reproduced ids have no ``<unk>`` after
-``<im_end>``: the stripped text starts with a whole ``▁word`` piece, and ``[SEG].`` ends ``▁.``.
-Both modes are reproduced, chosen by the checkpoint's ``legacy`` key exactly as 4.31 chose.
+That last rule explains JIA-Lab-research/LISA#193: ``… 29901, 32001, -200, 32002, 0, 29879, 505 …`` for
+"Birds have…" (``▁Bird`` lost its ``▁``; ``Bird`` is evidently no LLaMA piece → 0, then ``s``, ``▁have``)
+and ``32000, 29889, 2`` (a bare ``.``, not ``▁.`` = 869, after ``[SEG]``) are the ids of a ``legacy: false``
+tokenizer with the 13B-llama2 layout ([SEG] = 32000). With ``legacy`` true — 4.31's default when the key
+is absent, and what LISA-7B-v1's files should hold (saved by 4.31 from a LLaVA checkpoint older than the
+flag) — the reproduced ids have no ``<unk>`` after ``<im_end>``: the stripped text starts with a whole
+``▁word`` piece, and ``[SEG].`` ends with ``▁.``. Both modes are reproduced, chosen by the checkpoint's
+``legacy`` key as 4.31 chose (tests/fixtures/lisa_tokenizer has one layout of each).
 
 Without ``tokenizer.model`` the pieces come from ``tokenizer.json``'s BPE model instead, run with
 sentencepiece's dummy prefix; the rules above are the same, but identity with sentencepiece's
@@ -84,7 +86,6 @@ class SentencePieces:
     """Pieces from LISA's sentencepiece model (``tokenizer.model``): what 4.31's slow tokenizer used."""
 
     file_name = "tokenizer.model"
-    exact = True
 
     def __init__(self, model_bytes: bytes, where: str):
         import sentencepiece as spm
@@ -119,7 +120,6 @@ class TokenizerJsonPieces:
     tokens, so that it encodes one text piece the way sentencepiece would."""
 
     file_name = "tokenizer.json"
-    exact = False
 
     def __init__(self, json_text: str, where: str):
         from tokenizers import Tokenizer, normalizers
@@ -329,6 +329,8 @@ def _special_tokens(directory: Path, config: dict, special_map: dict) -> tuple[d
         where = str(directory / "special_tokens_map.json")
         if key in SPECIAL_KEYS and value is not None:
             specials[key] = SpecialToken.parse(value, where)
+        elif key in SPECIAL_KEYS and key not in LLAMA_DEFAULTS:  # null unsets it (bos/eos/unk must stay)
+            specials.pop(key, None)
         elif key == "additional_special_tokens":
             additional = [SpecialToken.parse(v, where) for v in value or []]
     return specials, additional
