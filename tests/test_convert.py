@@ -166,3 +166,24 @@ def test_cli_names_a_pruning_schedule_that_does_not_fit_before_loading(tiny, tmp
     assert proc.returncode == 2
     assert "prune.layer=6 is outside the model's layers 0..4" in proc.stderr
     assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        (["model=lisa"], "error: model.path, model.vision_tower must be set"),
+        (["model=lisa_7b", "model.path={path}", "model.vision_tower={clip}"],
+         "error: model=lisa_7b expects hidden_size 4096, intermediate_size 11008, num_hidden_layers 32, "
+         "num_attention_heads 32, but {path}/config.json has hidden_size 32"),
+    ],
+)
+def test_cli_one_line_errors_for_lisa_models(tiny, tmp_path, model_args, message):
+    fill = {"path": str(tiny.path), "clip": str(tiny.clip_path)}
+    run_dir = tmp_path / "run"
+    proc = cspexp(*[a.format(**fill) for a in model_args], "dataset=shapes", "dataset.n=2", "logger=none",
+                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(message.format(**fill)), proc.stderr
+    assert not (run_dir / "results.json").exists()
