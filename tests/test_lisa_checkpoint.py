@@ -7,7 +7,11 @@ compared with the modules they were written from, not with anything the loader c
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +254,46 @@ def test_bad_dtype_and_device(tiny):
         load(tiny, dtype="int8")
     with pytest.raises(ConfigError, match="model.device='gpu0' is not a device"):
         load(tiny, device="gpu0")
+
+
+MEASURE_PEAK = """
+import sys, threading, time
+from cspexp.models.lisa_checkpoint import load_lisa
+
+def rss_anon_mib():  # process-owned memory; the memory-mapped checkpoint pages are file-backed, not counted
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+base, peak, done = rss_anon_mib(), [0.0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_anon_mib())
+        time.sleep(0.001)
+thread = threading.Thread(target=sample)
+thread.start()
+loaded = load_lisa(path=sys.argv[1], vision_tower=sys.argv[2], dtype="bfloat16", progress=False)
+done.set()
+thread.join()
+model = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
+print(model, max(peak[0], rss_anon_mib()) - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc")
+def test_loading_holds_one_copy_of_the_weights(tmp_path, monkeypatch):
+    """The process memory a load adds is the model itself, not the model plus a shard: here the whole
+    LLM is one 60 MB .bin file, so a loader that read it into memory before converting would need
+    about twice the model."""
+    import lisa_fixtures
+
+    monkeypatch.setitem(lisa_fixtures.LLM, "hidden_size", 512)
+    monkeypatch.setitem(lisa_fixtures.LLM, "intermediate_size", 1536)
+    monkeypatch.setitem(lisa_fixtures.LLM, "num_hidden_layers", 8)
+    tiny = write_tiny_lisa(tmp_path, layout="bin")
+    proc = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(tiny.path), str(tiny.clip_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    model_mib, added_mib = map(float, proc.stdout.split()[-2:])
+    assert model_mib > 50
+    assert added_mib < 1.3 * model_mib + 10, (model_mib, added_mib)
