@@ -73,5 +73,5 @@ def check_processes(trainer, n_samples: int) -> None:
     if n_samples < world:
         raise ConfigError(
             f"the dataset has {n_samples} sample{'s' if n_samples != 1 else ''}, fewer than the {setup}; "
-            f"use trainer.devices={max(1, n_samples // trainer.num_nodes)} or fewer"
+            f"use at most trainer.devices={max(1, n_samples // trainer.num_nodes)}"
         )
