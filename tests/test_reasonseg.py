@@ -311,3 +311,29 @@ def test_auto_falls_back_to_pil_without_opencv(tmp_path, monkeypatch):
     assert ds.rasterizer == "pil" and np.array_equal(ds[0]["mask"], expected_mask())
     with pytest.raises(ConfigError, match="dataset.rasterizer=cv2 needs OpenCV: pip install opencv-python-headless"):
         ReasonSegDataset(root=str(tmp_path), rasterizer="cv2")
+
+
+@pytest.mark.slow
+def test_lisa_checkpoint_on_reasonseg_test_end_to_end(tmp_path):
+    """The issue's command: an original-layout LISA checkpoint and its CLIP tower on ReasonSeg test."""
+    from lisa_fixtures import write_tiny_lisa
+
+    tiny = write_tiny_lisa(tmp_path / "ckpt")
+    base = write_reasonseg(tmp_path / "data" / "reason_seg")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cspexp", "model=lisa", f"model.path={tiny.path}", f"model.vision_tower={tiny.clip_path}",
+         "dataset=reasonseg", f"dataset.root={tmp_path / 'data'}", "dataset.split=test", "dataset.num_workers=0",
+         "logger=none", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["model"] == "lisa" and results["n_samples"] == 2 and results["skipped"] == {"n": 0, "items": []}
+    assert {k: v["n"] for k, v in results["metrics_by_kind"].items()} == {"long": 1, "short": 1}
+    rows = {r["idx"]: r for r in (json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines())}
+    ds = ReasonSegDataset(root=str(base), split="test")
+    for idx, row in rows.items():
+        target = int((ds[idx]["mask"] == 1).sum())  # 16 and 36 pixels: the union holds them, the intersection fits in them
+        assert row["intersection"] <= target <= row["union"]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -276,3 +279,21 @@ def test_auto_falls_back_to_skimage_without_pycocotools(tmp_path, monkeypatch):
     assert ds.rasterizer == "skimage" and np.array_equal(ds[0]["mask"], hand_mask(11))
     with pytest.raises(ConfigError, match="dataset.rasterizer=pycocotools needs pycocotools: pip install pycocotools"):
         RefCocoDataset(root=str(tmp_path), split="testA", rasterizer="pycocotools")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_refcoco_val(tmp_path):
+    refer = write_refer(tmp_path / "data")
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cspexp", "model=tiny_random", "dataset=refcoco", f"dataset.root={refer.parent}",
+         "dataset.split=val", "dataset.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_samples"] == 3 and results["dataset"] == {"name": "refcoco", "split": "val"}
+    assert results["metrics_by_kind"]["phrase"]["n"] == 3 and results["skipped"]["n"] == 0
+    rows = sorted(json.loads(line)["idx"] for line in (run_dir / "samples.jsonl").read_text().splitlines())
+    assert rows == [0, 1, 2]
