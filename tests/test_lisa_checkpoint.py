@@ -193,6 +193,13 @@ def test_a_named_model_config_checks_the_dimensions(tiny):
     assert load(tiny, expect={"hidden_size": 32}).model.llm.config.hidden_size == 32
 
 
+def test_config_overrides(tiny):
+    loaded = load(tiny, vision_select_layer=-1, seg_query="at", name="mine", attn_implementation="eager")
+    model = loaded.model
+    assert (model.vision_select_layer, model.seg_query, loaded.name) == (-1, "at", "mine")
+    assert model.llm.config._attn_implementation == "eager" and model.vision_tower.config._attn_implementation == "eager"
+
+
 def test_model_shape_reads_configs_without_weights(tiny, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -241,6 +248,8 @@ def test_a_corrupt_shard_is_named(tmp_path):
         (lambda c: c.update(mm_vision_select_feature="cls_patch"), "mm_vision_select_feature='cls_patch' is not supported"),
         (lambda c: c.update(out_dim=256), "out_dim 256 differs from the SAM prompt width 32"),
         (lambda c: c.pop("hidden_size"), "lacks the LLaMA dimension.* hidden_size"),
+        (lambda c: c.update(mm_use_im_start_end=False), "mm_use_im_start_end=False is not supported"),
+        (lambda c: c.update(mm_vision_select_layer=-5), "vision select layer -5 is outside the CLIP tower's hidden states -4..3"),
     ],
 )
 def test_config_json_contradictions(tmp_path, edit, message):

@@ -30,7 +30,8 @@ Memory: the model is built on the meta device (no storage), then each shard is m
 (``torch.load(mmap=True)`` / ``safe_open``) and every tensor is copied once, converted to the target
 dtype and device, into its final place. The shard files stay in the page cache, which the OS can
 reclaim, never in process memory; so the peak resident memory is the finished model plus one tensor
-being converted (≈ 14 GB for a 7B model in bf16, within a 24 GB budget), never two copies.
+being converted (≈ 15 GB for LISA-7B in bf16: LLaMA-7B, SAM ViT-H and CLIP-L; within a 24 GB
+budget), never two copies (tests/test_lisa_checkpoint.py measures it).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from cspexp.models.factory import LoadedModel, assemble, resolve_dtype
 from cspexp.models.processor import LisaProcessor
+from cspexp.models.saved import _rebuild_buffers
 from cspexp.utils.errors import ConfigError, MissingPathError, require
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ def read_lisa_config(path: str | Path, label: str = "model.path") -> dict:
     require(config.get("mm_vision_select_feature", "patch") == "patch",
             f"{file}: mm_vision_select_feature={config.get('mm_vision_select_feature')!r} is not supported; "
             "LISA uses 'patch' (CLIP features without [CLS])")
+    require(config.get("mm_use_im_start_end", True) is True,
+            f"{file}: mm_use_im_start_end={config.get('mm_use_im_start_end')!r} is not supported; LISA's prompt wraps the "
+            "image in <im_start> <im_end> (mm_use_im_start_end: true)")
     projector = config.get("mm_projector_type", "linear")
     require(projector == "linear", f"{file}: mm_projector_type={projector!r} is not supported; LISA v1 uses one Linear ('linear')")
     return config
@@ -395,6 +400,11 @@ def load_lisa(
     require(mm_hidden == clip.config.hidden_size,
             f"model.vision_tower={str(vision_tower)!r} has width {clip.config.hidden_size}, but the checkpoint's projector "
             f"expects mm_hidden_size {mm_hidden} (LISA uses CLIP ViT-L/14: 1024)")
+    select = config.get("mm_vision_select_layer", -2) if vision_select_layer is None else vision_select_layer
+    n_clip = clip.config.num_hidden_layers
+    require(isinstance(select, int) and -n_clip - 1 <= select <= n_clip,
+            f"vision select layer {select!r} is outside the CLIP tower's hidden states {-n_clip - 1}..{n_clip} "
+            "(model.vision_select_layer, or config.json's mm_vision_select_layer)")
     sam_shapes = {k[len(SAM_PREFIX):]: s for k, s in shapes.items() if k.startswith(SAM_PREFIX)}
     require(bool(sam_shapes), f"the weights in {ckpt} have no SAM ({SAM_PREFIX}*) keys; is it a LISA checkpoint?")
     sam_cfg = sam_config_from_weights(sam_shapes)
@@ -410,7 +420,7 @@ def load_lisa(
             llm_cfg=llama_config(config, attn_implementation),
             sam_cfg=sam_cfg,
             tokenizer=tokenizer,
-            vision_select_layer=config.get("mm_vision_select_layer", -2) if vision_select_layer is None else vision_select_layer,
+            vision_select_layer=select,
             seg_query=seg_query,
             attn_implementation=attn_implementation,
         )
@@ -433,8 +443,6 @@ def load_lisa(
                 chunk[t] = value  # one copy, even where two LisaModel keys share it (SAM's positional matrix)
         model.load_state_dict(chunk, strict=False, assign=True)
         del chunk
-
-    from cspexp.models.saved import _rebuild_buffers
 
     _rebuild_buffers(model)  # RoPE frequencies: not in the state dict, computed from config.json
     model = model.to(target).eval()
