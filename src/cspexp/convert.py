@@ -22,8 +22,6 @@ from pathlib import Path
 
 from cspexp.utils.errors import CspexpError, MissingPathError
 
-log = logging.getLogger("cspexp.convert")
-
 EXIT_USAGE = 2
 
 
