@@ -56,7 +56,7 @@ def test_converted_directory_loads_through_model_converted_with_identical_output
     assert all(torch.equal(v, ref[k]) for k, v in converted.model.state_dict().items())
 
 
-def test_cli_writes_bfloat16_and_refuses_to_overwrite(tiny, tmp_path):
+def test_cli_writes_bfloat16_and_refuses_to_overwrite(tiny, tmp_path, compose_cfg):
     dst = tmp_path / "lisa-bf16"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "cspexp.convert", str(tiny.path), str(dst), "--vision-tower", str(tiny.clip_path),
@@ -67,6 +67,11 @@ def test_cli_writes_bfloat16_and_refuses_to_overwrite(tiny, tmp_path):
     with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"BF16"}
+    # model=converted keeps the stored dtype unless model.dtype says otherwise
+    loaded = build(compose_cfg("model=converted", f"model.path={dst}").model, words=[])
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    loaded = build(compose_cfg("model=converted", f"model.path={dst}", "model.dtype=float32").model, words=[])
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
 
     before = (dst / "model.safetensors").stat().st_mtime_ns
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

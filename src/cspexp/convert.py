@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except CspexpError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_USAGE
-    print(f"converted {args.src} → {dst} (load it with: python -m cspexp model=converted model.path={dst} "
-          f"model.dtype={args.dtype})")
+    print(f"converted {args.src} → {dst} (load it with: python -m cspexp model=converted model.path={dst})")
     return 0
 
 

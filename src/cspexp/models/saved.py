@@ -112,12 +112,13 @@ def load_saved(
     *,
     path: str,
     name: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = "float32",
     attn_implementation: str = "sdpa",
     seg_query: str | None = None,
     **_ignored,
 ) -> LoadedModel:
-    """Load a model directory written by `save_model` (strict: every key must match)."""
+    """Load a model directory written by `save_model` (strict: every key must match); `dtype` None
+    keeps the stored dtype."""
     config = read_config(path)
     path = Path(path)
     kind = config.get("tokenizer", "word_level")
@@ -151,7 +152,9 @@ def load_saved(
         )
     model.load_state_dict(state, strict=True, assign=True)
     _rebuild_buffers(model)
-    model = model.to(resolve_dtype(dtype)).eval()
+    if dtype is not None:  # None: as stored (a converted LISA-7B is bf16; float32 would double it)
+        model = model.to(resolve_dtype(dtype))
+    model = model.eval()
     processor = LisaProcessor(
         tokenizer=tokenizer,
         clip_size=config["vision_config"]["image_size"],
