@@ -337,3 +337,25 @@ def test_lisa_checkpoint_on_reasonseg_test_end_to_end(tmp_path):
     for idx, row in rows.items():
         target = int((ds[idx]["mask"] == 1).sum())  # 16 and 36 pixels: the union holds them, the intersection fits in them
         assert row["intersection"] <= target <= row["union"]
+
+
+@pytest.mark.slow
+def test_cli_image_failing_in_a_loader_worker_is_one_line(tmp_path):
+    """A JPEG whose pixel data is cut passes the build-time checks (on_error=raise) and fails when a
+    DataLoader worker reads it: still one error line naming the file, exit 2, no results.json."""
+    base = write_reasonseg(tmp_path / "data")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(base / "val" / "b.jpg", quality=95)
+    data = (base / "val" / "b.jpg").read_bytes()
+    (base / "val" / "b.jpg").write_bytes(data[: int(len(data) * 0.7)])
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cspexp", "model=tiny_random", "dataset=reasonseg", f"dataset.root={base}",
+         "dataset.num_workers=2", "logger=none", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: image ") and "val/b.jpg cannot be decoded" in lines[0], proc.stderr
+    assert not (run_dir / "results.json").exists() and (run_dir / "error.json").exists()

@@ -8,11 +8,13 @@ PIL + ``exif_transpose`` gives the same pixels as ``cv2.imread`` + BGR→RGB (te
 built — before the model loads — by cheap checks: the file exists, its JSON parses and has the needed
 keys, its image header can be read and gives the expected size. Then:
 
-- ``raise`` (default): the first bad sample stops the run with one line naming the file;
+- ``raise`` (default): the first bad sample stops the run with one line naming the file (a pixel
+  decoding error that only shows when the sample is read stops the run then, just as clearly);
 - ``skip``: every image and mask is also decoded once, so that corrupt pixel data is found up front
-  too; each bad sample is left out of the dataset with a warning and listed in the dataset's ``bad_samples``,
+  too; each bad sample is left out with a warning and recorded in the dataset's ``bad_samples``,
   which ``results.json`` reports as ``"skipped": {"n": …, "items": [{"where", "samples", "reason"}]}``
   (``n`` counts samples: one bad refCOCO object leaves out each of its sentences).
+  Files the whole split needs (the split folder, a refs or instances file) always stop the run.
 
 Skipping therefore happens only at build time: the DataLoader, the metrics and every DDP rank see
 the same, clean list of samples, and ``n_samples`` counts what was evaluated. A file that becomes
@@ -44,6 +46,19 @@ class BadSample(CspexpError):
     def __init__(self, message: str, missing: bool = False) -> None:
         super().__init__(message)
         self.missing = missing
+
+
+class SampleReadError(ConfigError):
+    """A sample's file fails when the sample is read during the run.
+
+    A DataLoader worker process re-raises it in the main process as
+    ``SampleReadError("Caught SampleReadError in DataLoader worker process 0.\nOriginal Traceback ...")``;
+    the original message, the traceback's last line, is kept alone so the CLI still prints one line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 class BadSamples:
@@ -123,9 +138,9 @@ def read_rgb(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except FileNotFoundError:
-        raise MissingPathError(f"image {path} does not exist") from None
+        raise SampleReadError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ConfigError(f"image {path} cannot be decoded ({exc})") from None
+        raise SampleReadError(f"image {path} cannot be decoded ({exc})") from None
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -134,6 +149,6 @@ def read_gray(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("L"))
     except FileNotFoundError:
-        raise MissingPathError(f"mask {path} does not exist") from None
+        raise SampleReadError(f"mask {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ConfigError(f"mask {path} cannot be decoded ({exc})") from None
+        raise SampleReadError(f"mask {path} cannot be decoded ({exc})") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from cspexp.data.files import BadSample, BadSamples, decode_check, image_size, read_gray, read_rgb
+from cspexp.data.files import BadSample, BadSamples, SampleReadError, decode_check, image_size, read_gray, read_rgb
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 MASK_FORMATS = ("binary", "lisa")
@@ -106,7 +106,8 @@ class FolderDataset(Dataset):
         image = read_rgb(self.root / e["image"])
         mask = read_gray(self.root / e["mask"])
         if mask.shape != image.shape[:2]:
-            raise ConfigError(f"mask {e['mask']} is {mask.shape[1]}×{mask.shape[0]}, its image {image.shape[1]}×{image.shape[0]}")
+            raise SampleReadError(f"mask {e['mask']} is {mask.shape[1]}×{mask.shape[0]}, "
+                                  f"its image {image.shape[1]}×{image.shape[0]}")
         if self.mask_format == "binary":
             mask = (mask > 0).astype(np.uint8)
         return {

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from cspexp.data.files import BadSample, BadSamples, decode_check, image_size, read_rgb
+from cspexp.data.files import BadSample, BadSamples, SampleReadError, decode_check, image_size, read_rgb
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ def segmentation_mask(seg, height: int, width: int, rasterizer: str = "pycocotoo
         m = coco_mask.decode(rles)  # [H, W, k]
         return (m.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
     if not _is_polygon_list(seg):
-        raise ConfigError("an RLE segmentation needs pycocotools: pip install pycocotools (dataset.rasterizer=skimage draws polygons only)")
+        raise ConfigError("an RLE segmentation needs pycocotools: pip install pycocotools "
+                          "(dataset.rasterizer=skimage draws polygons only)")
     from skimage.draw import polygon2mask
 
     out = np.zeros((height, width), bool)
@@ -301,7 +302,8 @@ class RefCocoDataset(Dataset):
         s = self.samples[i]
         image = read_rgb(s.image)
         if image.shape[:2] != (s.height, s.width):
-            raise ConfigError(f"image {s.image} is {image.shape[1]}×{image.shape[0]}, instances.json says {s.width}×{s.height}")
+            raise SampleReadError(f"image {s.image} is {image.shape[1]}×{image.shape[0]}, "
+                                  f"instances.json says {s.width}×{s.height}")
         return {
             "idx": i,
             "image": image,
