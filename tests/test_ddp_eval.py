@@ -17,18 +17,20 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch.distributed as dist
 
 from cspexp.data.sampling import EvalData
 from cspexp.lit import distributed
 from cspexp.lit.distributed import check_processes
 from cspexp.outputs.files import read_jsonl
+from cspexp.pruning.methods import NoPruning
 from cspexp.utils.errors import ConfigError
 
 TIMEOUT_S = 240
 
 
-def cspexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def cspexp(*args: str, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "cspexp", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -136,3 +138,25 @@ def test_each_rank_reads_a_disjoint_strided_slice():
             flat = sorted(i for s in slices for i in s)
             assert flat == list(range(n)), (n, world)  # every sample once: none repeated, none dropped
             assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+class FailsOnRankOne(NoPruning):
+    """The dense model, except that the second process of a ``trainer=ddp`` run raises at its
+    first sample (the CLI test below builds it with ``prune._target_``)."""
+
+    def setup(self, state, ctx) -> None:
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise RuntimeError("injected failure on rank 1")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_run_without_hanging_or_results(tmp_path):
+    run_dir = tmp_path / "run"
+    importable = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    proc = cspexp("model=tiny_random", "dataset.n=7", "dataset.batch_size=2", "trainer=ddp_cpu", "logger=none",
+                  "prune._target_=test_ddp_eval.FailsOnRankOne", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                  extra_env={"PYTHONPATH": importable})
+    assert proc.returncode != 0
+    assert not (run_dir / "results.json").exists() and not (run_dir / "samples.jsonl").exists()
+    # rank 1's own error file holds the cause; rank 0's (if it lived to write one) cannot overwrite it
+    assert json.loads((run_dir / "error_rank1.json").read_text())["message"] == "injected failure on rank 1"

@@ -62,9 +62,14 @@ def finish_wandb(exit_code: int) -> None:
 
 
 def write_error(out_dir: Path, exc: BaseException) -> None:
+    from cspexp.lit.distributed import process_rank
+
+    # trainer=ddp: when one process fails, the others fail too, often with only an echo ("Connection
+    # closed by peer"); each rank > 0 keeps its own file so that no echo overwrites the cause.
+    rank = process_rank()
     try:
         write_json_atomic(
-            out_dir / "error.json",
+            out_dir / ("error.json" if rank == 0 else f"error_rank{rank}.json"),
             {
                 "error": type(exc).__name__,
                 "message": str(exc),

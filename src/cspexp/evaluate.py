@@ -235,7 +235,8 @@ def evaluate(cfg: DictConfig) -> dict:
         draw_pictures(loaded, method, dataset, n_viz, out_dir, logger)
     write_jsonl_atomic(out_dir / "samples.jsonl", records)
     write_json_atomic(out_dir / "results.json", results)
-    (out_dir / "error.json").unlink(missing_ok=True)  # left by an earlier failed attempt in this dir
+    for stale in (out_dir / "error.json", *out_dir.glob("error_rank*.json")):  # an earlier failed attempt's
+        stale.unlink(missing_ok=True)
     if logger is not None:
         # Logged here, not in the test loop: only now are the metrics reduced over all processes.
         logger.log_metrics({f"test/{k}": v for k, v in results["metrics"].items()})
