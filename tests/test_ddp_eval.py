@@ -53,7 +53,9 @@ def test_two_processes_give_exactly_the_single_process_results(tmp_path):
     common = ["model=tiny_random", "dataset.n=7", "dataset.batch_size=2", "prune=csp", "logger=csv"]
     single = cspexp(*common, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    ddp = cspexp(*common, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    # rank 0 alone draws the pictures and the fvcore breakdown: before and after the distributed part
+    ddp = cspexp(*common, "trainer=ddp_cpu", "flops.report=true", "viz.n_samples=1", f"hydra.run.dir={tmp_path / 'ddp'}",
+                 cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr
 
     one = json.loads((tmp_path / "single" / "results.json").read_text())
@@ -79,7 +81,8 @@ def test_two_processes_give_exactly_the_single_process_results(tmp_path):
     # metrics, one summary table, no error.json.
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("results.json")) == [
         "ddp/results.json", "single/results.json"]
-    assert not list(tmp_path.rglob("error.json"))
+    assert not list(tmp_path.rglob("error*.json"))
+    assert (tmp_path / "ddp" / "flops_breakdown.json").is_file() and len(list(tmp_path.rglob("*.png"))) == 1
     assert [p.name for p in (tmp_path / "ddp" / "csv").iterdir()] == ["version_0"]
     logged = (tmp_path / "ddp" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert len(logged) == 2
