@@ -54,8 +54,8 @@ def test_two_processes_give_exactly_the_single_process_results(tmp_path):
     single = cspexp(*common, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     # rank 0 alone draws the pictures and the fvcore breakdown: before and after the distributed part
-    ddp = cspexp(*common, "trainer=ddp_cpu", "flops.report=true", "viz.n_samples=1", f"hydra.run.dir={tmp_path / 'ddp'}",
-                 cwd=tmp_path)
+    ddp = cspexp(*common, "trainer=ddp_cpu", "flops.report=true", "viz.n_samples=1",
+                 f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr
 
     one = json.loads((tmp_path / "single" / "results.json").read_text())
@@ -98,8 +98,8 @@ def test_fewer_samples_than_processes_stops_before_any_process_starts(tmp_path):
                   cwd=tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["error: the dataset has 1 sample, fewer than the 2 processes (trainer.devices × trainer.num_nodes); "
-                     "use at most trainer.devices=1"], proc.stderr
+    assert lines == ["error: the dataset has 1 sample, fewer than the 2 processes "
+                     "(trainer.devices × trainer.num_nodes); use at most trainer.devices=1"], proc.stderr
     assert not (run_dir / "results.json").exists()
     assert not (run_dir / "train_ddp_process_1.log").exists()  # rank 1 was never launched
 

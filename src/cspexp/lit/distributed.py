@@ -54,7 +54,8 @@ def check_processes(trainer, n_samples: int) -> None:
       extra process would start a sweep of its own (framework.md L1);
     - ``ddp_spawn`` / ``ddp_fork``: the test loop then runs in worker processes whose per-sample
       records never come back to the process that writes the results;
-    - fewer samples than processes: a rank without samples runs no test loop at all.
+    - fewer samples than processes: a process would have nothing to evaluate (Lightning's unrepeated
+      sampler asserts that every rank gets a sample).
     """
     world = trainer.num_nodes * trainer.num_devices
     if world == 1:
