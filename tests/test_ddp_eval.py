@@ -53,13 +53,15 @@ def test_two_processes_give_exactly_the_single_process_results(tmp_path):
     common = ["model=tiny_random", "dataset.n=7", "dataset.batch_size=2", "prune=csp", "logger=csv"]
     single = cspexp(*common, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    # rank 0 alone draws the pictures and the fvcore breakdown: before and after the distributed part
-    ddp = cspexp(*common, "trainer=ddp_cpu", "flops.report=true", "viz.n_samples=1",
-                 f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    # Rank 0 alone draws the pictures and the fvcore breakdown: before and after the distributed part.
+    # The default run dir (a timestamp): rank 1 must be told rank 0's, not make one of its own.
+    (tmp_path / "ddp_cwd").mkdir()
+    ddp = cspexp(*common, "trainer=ddp_cpu", "flops.report=true", "viz.n_samples=1", cwd=tmp_path / "ddp_cwd")
     assert ddp.returncode == 0, ddp.stderr
+    (ddp_dir,) = (tmp_path / "ddp_cwd" / "outputs" / "runs").iterdir()
 
     one = json.loads((tmp_path / "single" / "results.json").read_text())
-    two = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    two = json.loads((ddp_dir / "results.json").read_text())
     assert two["distributed"]["world_size"] == 2 and one["distributed"]["world_size"] == 1
     assert two["distributed"]["samples_per_rank"] == [4, 3]  # rank 0: idx 0, 2, 4, 6; rank 1: 1, 3, 5
     assert two["n_samples"] == one["n_samples"] == 7
@@ -67,8 +69,8 @@ def test_two_processes_give_exactly_the_single_process_results(tmp_path):
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6)
         assert two["dense"]["metrics"][key] == pytest.approx(one["dense"]["metrics"][key], abs=1e-6)
 
-    rows = rows_without_timing(tmp_path / "ddp" / "samples.jsonl")
-    assert sorted(rows) == list(range(7)) and len(read_jsonl(tmp_path / "ddp" / "samples.jsonl")) == 7
+    rows = rows_without_timing(ddp_dir / "samples.jsonl")
+    assert sorted(rows) == list(range(7)) and len(read_jsonl(ddp_dir / "samples.jsonl")) == 7
     assert rows == rows_without_timing(tmp_path / "single" / "samples.jsonl")
     # the reduced metrics against LISA's formulas on the merged rows
     giou = sum(r["intersection"] / (r["union"] + 1e-5) if r["union"] else 1.0 for r in rows.values()) / 7
@@ -79,12 +81,12 @@ def test_two_processes_give_exactly_the_single_process_results(tmp_path):
 
     # Rank 0 alone writes: one results.json in the whole tree, one CSV log holding the reduced
     # metrics, one summary table, no error.json.
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("results.json")) == [
-        "ddp/results.json", "single/results.json"]
+    expected = [ddp_dir / "results.json", tmp_path / "single" / "results.json"]
+    assert sorted(tmp_path.rglob("results.json")) == sorted(expected)
     assert not list(tmp_path.rglob("error*.json"))
-    assert (tmp_path / "ddp" / "flops_breakdown.json").is_file() and len(list(tmp_path.rglob("*.png"))) == 1
-    assert [p.name for p in (tmp_path / "ddp" / "csv").iterdir()] == ["version_0"]
-    logged = (tmp_path / "ddp" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert (ddp_dir / "flops_breakdown.json").is_file() and len(list(tmp_path.rglob("*.png"))) == 1
+    assert [p.name for p in (ddp_dir / "csv").iterdir()] == ["version_0"]
+    logged = (ddp_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert len(logged) == 2
     values = dict(zip(logged[0].split(","), logged[1].split(","), strict=True))
     assert float(values["test/giou"]) == pytest.approx(two["metrics"]["giou"], abs=1e-6)
