@@ -47,18 +47,25 @@ class SegIoU(Metric):
         self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: list[torch.Tensor] | torch.Tensor, targets: list[torch.Tensor] | torch.Tensor) -> None:
-        """`preds`: binary masks; `targets`: {0, 1, 255} masks; one pair per sample (lists or stacked)."""
-        counts = [intersection_and_union(p, t.to(p.device), self.ignore_index) for p, t in zip(preds, targets, strict=True)]
-        self.update_counts(counts)
-
-    def update_counts(self, counts: list[tuple[int, int]]) -> None:
-        """Accumulate per-sample (intersection, union) pairs already computed by the caller."""
+    def update(self, preds: list[torch.Tensor] | torch.Tensor | None = None,
+               targets: list[torch.Tensor] | torch.Tensor | None = None, *,
+               counts: list[tuple[int, int]] | None = None) -> None:
+        """`preds`: binary masks; `targets`: {0, 1, 255} masks; one pair per sample (lists or stacked).
+        Or `counts`: per-sample (intersection, union) pairs the caller already computed."""
+        if counts is None:
+            if preds is None or targets is None:
+                raise ValueError("SegIoU.update needs preds and targets, or counts")
+            counts = [intersection_and_union(p, t.to(p.device), self.ignore_index) for p, t in zip(preds, targets, strict=True)]
         for inter, union in counts:
             self.intersection += inter
             self.union += union
             self.iou_sum += sample_iou(inter, union)
             self.n += 1
+
+    def update_counts(self, counts: list[tuple[int, int]]) -> None:
+        """Accumulate per-sample (intersection, union) pairs already computed by the caller (through
+        `update`, so torchmetrics' bookkeeping — update count, cached result — stays right)."""
+        self.update(counts=counts)
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.n.clamp(min=1)
