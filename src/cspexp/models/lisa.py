@@ -188,13 +188,16 @@ class LisaModel(nn.Module):
         return self.text_hidden_fcs[0](query_hidden)
 
     def decode_masks(self, image_embeddings: torch.Tensor, seg_embeds: torch.Tensor) -> torch.Tensor:
-        """SAM's mask decoder with the [SEG] embedding as its only sparse prompt (LISA's ``text_embeds``).
+        """SAM's mask decoder with the [SEG] embedding as its only sparse prompt (LISA's ``text_embeds``),
+        or with any sparse prompt tokens [B, n, C].
 
         ``SamModel.forward`` has no argument for a custom sparse embedding, so the decoder is called
         directly. Returns low-resolution logits [B, h', w'] (single-mask output).
         """
         B, _, h, w = image_embeddings.shape
-        sparse = seg_embeds[:, None, None, :].to(image_embeddings.dtype)  # [B, point_batch=1, tokens=1, C]
+        # [B, C] (one [SEG]) or [B, n, C] (any sparse tokens, e.g. SAM's point embeddings)
+        tokens = seg_embeds[:, None, :] if seg_embeds.dim() == 2 else seg_embeds
+        sparse = tokens[:, None].to(image_embeddings.dtype)  # [B, point_batch=1, tokens, C]
         dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
         pe = self.sam.get_image_wide_positional_embeddings().expand(B, -1, -1, -1)
         masks, _iou = self.sam.mask_decoder(

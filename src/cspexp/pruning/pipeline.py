@@ -25,6 +25,7 @@ class SegmentOutput:
     trace: Trace
     seg_embeds: torch.Tensor  # [B, C] the SAM prompt embeddings
     state: TokenState  # the LLM's final state (normed hidden states of the tokens still present)
+    image_embeddings: torch.Tensor | None = None  # [B, C, h, w] SAM image embeddings (reused by training)
 
 
 def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None) -> tuple[TokenState, torch.Tensor]:
@@ -59,10 +60,11 @@ def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None
     """The whole pass for a collated batch (see `LisaProcessor.collate` for its keys)."""
     state, query_hidden = run_llm(model, batch, method, stopwatch)
     seg_embeds = model.seg_embedding(query_hidden)
-    low_res = model.decode_masks(model.image_embeddings(batch["sam_pixels"]), seg_embeds)
+    image_embeddings = model.image_embeddings(batch["sam_pixels"])
+    low_res = model.decode_masks(image_embeddings, seg_embeds)
     logits = [
         model.postprocess_masks(low_res[i], batch["resized_hw"][i], batch["original_hw"][i])
         for i in range(low_res.shape[0])
     ]
     return SegmentOutput(logits=logits, masks=[lg > 0 for lg in logits], trace=state.trace, seg_embeds=seg_embeds,
-                         state=state)
+                         state=state, image_embeddings=image_embeddings)
