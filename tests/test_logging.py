@@ -16,7 +16,7 @@ from helpers import FakeRun, RecordingLogger
 
 
 def test_logger_gets_resolved_config_and_metrics(compose_cfg):
-    cfg = compose_cfg("dataset.n=2", "logger=none")
+    cfg = compose_cfg("model=tiny_random", "prune=none", "dataset.n=2", "logger=none")
     with open_dict(cfg):
         cfg.logger = OmegaConf.create({"_target_": "helpers.RecordingLogger"})
     RecordingLogger.instances.clear()

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from cspexp.data.shapes import ShapesDataset
 from cspexp.lit.losses import dice_loss, mask_losses
-from cspexp.lit.train_module import TrainModule, answer_ce
+from cspexp.lit.train_module import TrainModule, answer_ce, point_prompt_losses, prompt_lm_ce
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import save_model
 from cspexp.pruning.methods import NoPruning
@@ -80,6 +80,113 @@ def test_answer_ce_predicts_the_answer_tokens():
             total += torch.nn.functional.cross_entropy(logits[b, seg - 1 + k][None], torch.tensor([token])).item()
             n += 1
     assert ce.item() == pytest.approx(total / n, rel=1e-4)
+
+
+def test_prompt_lm_ce_is_next_token_ce_over_the_user_turn():
+    """Independent: transformers' own forward on the spliced sequence, targets read from the text by hand
+    (every token after <im_end> up to "ASSISTANT:" included; a padded batch of two)."""
+    loaded = tiny()
+    items = [ShapesDataset(split="train", n=4)[i] for i in (0, 3)]
+    batch = loaded.processor.collate(items)
+    assert batch["attention_mask"].sum(1).unique().numel() == 2  # rows of different lengths: padding
+    with torch.no_grad():
+        lm = prompt_lm_ce(loaded.model, segment(loaded.model, batch, NoPruning()), batch)
+        image_tokens, _ = loaded.model.encode_image(batch["clip_pixels"])
+        prompt = loaded.model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+        logits = loaded.model.llm(inputs_embeds=prompt.embeds, attention_mask=(prompt.kind != 3).long()).logits
+    tok = loaded.processor.tokenizer
+    n_image = loaded.model.n_image_tokens
+    losses = []
+    for b in range(2):
+        words = tok.convert_ids_to_tokens(batch["input_ids"][b].tolist())
+        first, last = words.index("<im_end>") + 1, words.index("[SEG]") - 1  # user turn .. "ASSISTANT:"
+        assert "please" in [w.lower() for w in words[first:last + 1]]
+        for t in range(first, last + 1):
+            row = logits[b, t - 1 + n_image - 1]  # the token before t, in the spliced sequence
+            losses.append(torch.nn.functional.cross_entropy(row[None], batch["input_ids"][b, t][None]))
+    assert lm.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-4)
+
+
+def _one_image_batch(loaded, pixels: list[tuple[int, int]], h: int = 40, w: int = 60):
+    item = dict(ShapesDataset(split="train", n=1)[0])
+    item["image"] = item["image"][:h, :w].copy()
+    mask = torch.zeros((h, w), dtype=torch.uint8).numpy()
+    for y, x in pixels:
+        mask[y, x] = 1
+    item["mask"] = mask
+    return loaded.processor.collate([item])
+
+
+@pytest.mark.parametrize("where, pixels, centre", [
+    ("random", [(10, 20)], (10.5, 20.5)),  # one pixel: the click is its centre
+    ("centre", [(10, 20), (10, 22), (12, 21)], (32 / 3 + 0.5, 21.5)),  # the centroid, hand-worked
+])
+def test_clicks_are_sams_point_embedding_at_the_target_in_its_frame(where, pixels, centre):
+    """The click token equals the first token of SAM's public prompt-encoder forward at the hand-mapped
+    coordinates (original image → SAM's resized frame, SAM's own +0.5 undone)."""
+    from cspexp.lit.train_module import click_embeddings
+
+    loaded = tiny()
+    batch = _one_image_batch(loaded, pixels)
+    h, w = 40, 60
+    size = loaded.model.sam.config.vision_config.image_size
+    rh, rw = int(h * size / w + 0.5), size  # ResizeLongestSide
+    assert batch["resized_hw"][0].tolist() == [rh, rw]
+    y, x = centre
+    expected_xy = torch.tensor([[[[x * rw / w - 0.5, y * rh / h - 0.5]]]])
+    with torch.no_grad():
+        ours = click_embeddings(loaded.model, batch, where)
+        sparse, _ = loaded.model.sam.prompt_encoder(input_points=expected_xy, input_labels=torch.ones(1, 1, 1, dtype=torch.long),
+                                                    input_boxes=None, input_masks=None)
+    assert ours.shape == (1, sparse.shape[-1])
+    assert torch.allclose(ours[0], sparse[0, 0, 0], atol=1e-5)
+
+
+def test_click_and_match_losses_train_what_they_should():
+    """The click task trains SAM (decoder, image encoder) and not the LLM; the match term trains the
+    LLM side ([SEG] embedding) and not SAM, and is zero when [SEG] equals the centre click."""
+    from cspexp.lit.train_module import click_embeddings, prompt_match_loss
+
+    loaded = tiny()
+    model = loaded.model
+    batch = _one_image_batch(loaded, [(10, 20), (11, 20)])
+    out = segment(model, batch, NoPruning())
+    bce, dice = point_prompt_losses(model, out.image_embeddings, batch)
+    model.zero_grad()
+    (bce + dice).backward()
+    grad = lambda prefix: sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
+                              if n.startswith(prefix) and p.grad is not None)
+    assert grad("sam.mask_decoder") > 0 and grad("sam.vision_encoder") > 0
+    assert grad("llm.") == 0 and grad("text_hidden_fcs.") == 0
+    model.zero_grad()
+    out = segment(model, batch, NoPruning())
+    prompt_match_loss(model, out.seg_embeds, batch).backward()
+    assert grad("text_hidden_fcs.") > 0 and grad("llm.") > 0 and grad("sam.") == 0
+    with torch.no_grad():
+        target = click_embeddings(model, batch, "centre")
+        assert prompt_match_loss(model, target.clone(), batch).item() == pytest.approx(0.0, abs=1e-12)
+        assert prompt_match_loss(model, target + 1.0, batch).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_from_scratch_sam_follows_its_prompt():
+    """transformers' N(0, 0.02) init left the from-scratch mask decoder deaf to its prompt; with
+    PyTorch's default init (Meta's SAM code) two clicks far apart give different masks at once."""
+    model = tiny().model
+    decoder = model.sam.mask_decoder
+    w = decoder.output_hypernetworks_mlps[0].proj_in.weight
+    fan_in = w.shape[1]
+    assert w.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.25)  # kaiming-uniform(a=√5)
+    assert decoder.mask_tokens.weight.std().item() == pytest.approx(1.0, rel=0.3)  # nn.Embedding: N(0, 1)
+    batch = tiny().processor.collate([ShapesDataset(split="val", n=2)[i] for i in range(2)])
+    with torch.no_grad():
+        emb = model.image_embeddings(batch["sam_pixels"])
+        masks = []
+        for xy in ([10.0, 10.0], [100.0, 100.0]):
+            pts = torch.tensor(xy).expand(2, 2)[:, None, None, :]
+            sparse, _ = model.sam.prompt_encoder(input_points=pts, input_labels=torch.ones(2, 1, 1, dtype=torch.long),
+                                                 input_boxes=None, input_masks=None)
+            masks.append(model.decode_masks(emb, sparse[:, 0]))
+    assert ((masks[0] > 0) != (masks[1] > 0)).float().mean() > 0.01
 
 
 def test_lora_adapts_only_the_named_modules():
