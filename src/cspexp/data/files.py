@@ -152,3 +152,16 @@ def read_gray(path: Path) -> np.ndarray:
         raise SampleReadError(f"mask {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise SampleReadError(f"mask {path} cannot be decoded ({exc})") from None
+
+
+def resolve_rasterizer(name: str, *, exact: str, fallback: str, available, library: str, install: str) -> str:
+    """``dataset.rasterizer``: `exact` (LISA's own library, when `available()`), `fallback` (a few
+    boundary pixels differ), or ``auto`` (the exact one when it is installed)."""
+    allowed = ("auto", exact, fallback)
+    if name not in allowed:
+        raise ConfigError(f"dataset.rasterizer={name!r} is not allowed; use one of {list(allowed)}")
+    if name == "auto":
+        return exact if available() else fallback
+    if name == exact and not available():
+        raise ConfigError(f"dataset.rasterizer={exact} needs {library}: {install} (or use {fallback} / auto)")
+    return name

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from cspexp.data import files
 from cspexp.data.files import BadSample, BadSamples, decode_check, image_size, read_json, read_rgb
 from cspexp.utils.errors import ConfigError, MissingPathError
 
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("val", "test")
 QUERIES = ("all", "short", "long")
 TEXTS = ("first", "all")
-RASTERIZERS = ("auto", "cv2", "pil")
 IGNORE_VALUE = 255  # LISA's ignore_label
 
 
@@ -62,13 +62,8 @@ def cv2_available() -> bool:
 
 def resolve_rasterizer(name: str) -> str:
     """``cv2`` or ``pil`` for ``dataset.rasterizer``."""
-    if name not in RASTERIZERS:
-        raise ConfigError(f"dataset.rasterizer={name!r} is not allowed; use one of {list(RASTERIZERS)}")
-    if name == "auto":
-        return "cv2" if cv2_available() else "pil"
-    if name == "cv2" and not cv2_available():
-        raise ConfigError("dataset.rasterizer=cv2 needs OpenCV: pip install opencv-python-headless (or use pil / auto)")
-    return name
+    return files.resolve_rasterizer(name, exact="cv2", fallback="pil", available=lambda: cv2_available(),
+                                    library="OpenCV", install="pip install opencv-python-headless")
 
 
 def _paint(mask: np.ndarray, points: np.ndarray, value: int, rasterizer: str) -> np.ndarray:

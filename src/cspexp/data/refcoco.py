@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from cspexp.data import files
 from cspexp.data.files import BadSample, BadSamples, SampleReadError, decode_check, image_size, read_rgb
 from cspexp.utils.errors import ConfigError, MissingPathError
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 SPLITS = ("train", "val", "test", "testA", "testB", "testC")
-RASTERIZERS = ("auto", "pycocotools", "skimage")
 
 
 def pycocotools_available() -> bool:
@@ -64,13 +64,8 @@ def pycocotools_available() -> bool:
 
 def resolve_rasterizer(name: str) -> str:
     """``pycocotools`` or ``skimage`` for ``dataset.rasterizer``."""
-    if name not in RASTERIZERS:
-        raise ConfigError(f"dataset.rasterizer={name!r} is not allowed; use one of {list(RASTERIZERS)}")
-    if name == "auto":
-        return "pycocotools" if pycocotools_available() else "skimage"
-    if name == "pycocotools" and not pycocotools_available():
-        raise ConfigError("dataset.rasterizer=pycocotools needs pycocotools: pip install pycocotools (or use skimage / auto)")
-    return name
+    return files.resolve_rasterizer(name, exact="pycocotools", fallback="skimage", available=lambda: pycocotools_available(),
+                                    library="pycocotools", install="pip install pycocotools")
 
 
 # ---------------------------------------------------------------------------------------- files
