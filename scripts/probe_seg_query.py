@@ -1,0 +1,76 @@
+"""Is the LLM telling the mask decoder anything? A few-second probe of a training checkpoint.
+
+    python scripts/probe_seg_query.py <run>/checkpoints/last.ckpt [--kinds referring] [--n 64] [overrides...]
+
+Prints, for `n` val samples of `shapes`:
+- per LLM layer, the residual stream of the query token (the one whose final state becomes the [SEG]
+  embedding): mean norm, mean distance to the batch mean ("spread") and the largest mean |dimension|
+  (a massive activation shows up there). A state that no longer depends on the input has spread ≈ 0;
+- the [SEG] embedding's spread, and its mean squared distance to SAM's embedding of a click at the
+  target's centre next to the level of a constant predictor (what `train.loss.match` can reach
+  without locating anything);
+- how many of text_hidden_fcs' ReLU units are active for every / no sample.
+
+Overrides are Hydra overrides of `conf/train.yaml` (default: `experiment=train_tiny_lisa`), so the
+architecture matches the checkpoint's. Used to diagnose the embedded model's training (issue 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from cspexp.cli import CONF_DIR
+from cspexp.data import vocabulary
+from cspexp.data.shapes import ShapesDataset
+from cspexp.lit.train_module import click_embeddings
+from cspexp.pruning.methods.base import NoPruning
+from cspexp.pruning.pipeline import run_llm
+from cspexp.train import load_initial_weights
+from cspexp.utils.instantiate import build
+
+
+def spread(x: torch.Tensor) -> float:
+    return float((x - x.mean(0)).norm(dim=-1).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a Lightning .ckpt of cspexp.train or a cspexp model directory")
+    parser.add_argument("--n", type=int, default=64, help="val samples")
+    parser.add_argument("--kinds", nargs="+", default=list(ShapesDataset.QUERY_KINDS), choices=ShapesDataset.QUERY_KINDS)
+    parser.add_argument("overrides", nargs="*", default=["experiment=train_tiny_lisa"])
+    args = parser.parse_args()
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=args.overrides)
+    loaded = build(cfg.model, words=vocabulary(ShapesDataset("train", n=1)))
+    load_initial_weights(loaded.model, args.checkpoint)
+    model = loaded.model.eval()
+    data = ShapesDataset("val", n=args.n, kinds=args.kinds)
+    batch = loaded.processor.collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        image_tokens, _ = model.encode_image(batch["clip_pixels"])
+        prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
+        out = model.llm.model(inputs_embeds=prompt.embeds, attention_mask=(prompt.kind != 3).long(), output_hidden_states=True)
+        rows = torch.arange(len(data))
+        print("layer  norm    spread  max|dim|   (query token's residual; the last row is after the final norm)")
+        for layer, hidden in enumerate(out.hidden_states):
+            q = hidden[rows, prompt.query_pos]
+            print(f"{layer:5d}  {q.norm(dim=-1).mean():6.2f}  {spread(q):6.3f}  {q.abs().mean(0).max():7.2f}")
+        print(f"image tokens: norm {image_tokens.norm(dim=-1).mean():.2f}, text embeddings: norm "
+              f"{prompt.embeds[prompt.kind == 2].norm(dim=-1).mean():.2f}")
+        _, query_hidden = run_llm(model, batch, NoPruning())
+        seg = model.seg_embedding(query_hidden)
+        target = click_embeddings(model, batch, "centre")
+        print(f"[SEG] embedding: norm {seg.norm(dim=-1).mean():.3f}, spread {spread(seg):.2e}")
+        print(f"match MSE {((seg - target) ** 2).mean():.4f} (a constant predictor: {((target - target.mean(0)) ** 2).mean():.4f})")
+        pre = model.text_hidden_fcs[0][0](query_hidden) > 0
+        print(f"text_hidden_fcs ReLU units: {int(pre.all(0).sum())} active for every sample, "
+              f"{int((~pre).all(0).sum())} for none, of {pre.shape[1]}")
+
+
+if __name__ == "__main__":
+    main()
