@@ -9,7 +9,10 @@ Prints, for `n` val samples of `shapes`:
 - the [SEG] embedding's spread, and its mean squared distance to SAM's embedding of a click at the
   target's centre next to the level of a constant predictor (what `train.loss.match` can reach
   without locating anything);
-- how many of text_hidden_fcs' ReLU units are active for every / no sample.
+- how many of text_hidden_fcs' ReLU units are active for every / no sample;
+- what the image tokens carry: R² of a linear probe (least squares on two thirds of the images,
+  scored on the rest) from the projected CLIP tokens to each patch's mean colour and to its row and
+  column — the LLM can only locate what the tokens' content says (RoPE acts on attention scores).
 
 Overrides are Hydra overrides of `conf/train.yaml` (default: `experiment=train_tiny_lisa`), so the
 architecture matches the checkpoint's. Used to diagnose the embedded model's training (issue 5).
@@ -34,6 +37,17 @@ from cspexp.utils.instantiate import build
 
 def spread(x: torch.Tensor) -> float:
     return float((x - x.mean(0)).norm(dim=-1).mean())
+
+
+def linear_probe_r2(features: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """R² per target column of a least-squares fit on the first 2/3 of the images, scored on the rest.
+    features [B, N, d], targets [B, N, k]."""
+    x = torch.cat([features, torch.ones(*features.shape[:-1], 1)], -1).double()
+    y = targets.double()
+    n_fit = max(1, 2 * x.shape[0] // 3)
+    fit = torch.linalg.lstsq(x[:n_fit].flatten(0, 1), y[:n_fit].flatten(0, 1)).solution
+    pred, held = x[n_fit:].flatten(0, 1) @ fit, y[n_fit:].flatten(0, 1)
+    return (1 - ((pred - held) ** 2).sum(0) / ((held - held.mean(0)) ** 2).sum(0)).tolist()
 
 
 def main() -> None:
@@ -70,6 +84,14 @@ def main() -> None:
         pre = model.text_hidden_fcs[0][0](query_hidden) > 0
         print(f"text_hidden_fcs ReLU units: {int(pre.all(0).sum())} active for every sample, "
               f"{int((~pre).all(0).sum())} for none, of {pre.shape[1]}")
+        rows, cols = model.grid_size
+        patch = model.vision_tower.config.patch_size
+        colour = torch.nn.functional.avg_pool2d(batch["clip_pixels"], patch).flatten(2).transpose(1, 2)
+        grid = torch.arange(rows * cols)
+        where = torch.stack([grid // cols, grid % cols], -1).float().expand(len(data), -1, -1)
+        r2_colour, r2_where = linear_probe_r2(image_tokens, colour), linear_probe_r2(image_tokens, where)
+        print("image tokens, linear-probe R²: colour (r, g, b) " + " ".join(f"{v:.2f}" for v in r2_colour)
+              + " | row, column " + " ".join(f"{v:.2f}" for v in r2_where))
 
 
 if __name__ == "__main__":
