@@ -102,3 +102,47 @@ def test_clip_and_sam_preprocessing_by_hand():
     assert (h, w) == (256, 128)
     assert s[0, 10, 10].item() == pytest.approx((200 - SAM_MEAN[0]) / SAM_STD[0], abs=1e-4)
     assert torch.all(s[:, :, 128:] == 0)  # zero padding on the right, after normalisation
+
+
+def test_grid_sincos_by_hand_and_linearly_readable():
+    """2×2 grid, width 4: one frequency of period 2 cells, so a cell (r, c) codes as
+    [sin πr, cos πr, sin πc, cos πc] = [0, (−1)^r, 0, (−1)^c]; on LISA's 16×16 grid a least-squares
+    read-out recovers each cell's row and column exactly (what the LLM needs to say where)."""
+    from cspexp.models.lisa import grid_sincos
+
+    expected = torch.tensor([[0, 1, 0, 1], [0, 1, 0, -1], [0, -1, 0, 1], [0, -1, 0, -1]], dtype=torch.float32)
+    assert torch.allclose(grid_sincos(2, 2, 4), expected, atol=1e-6)
+    code = grid_sincos(16, 16, 96).double()
+    x = torch.cat([code, torch.ones(256, 1, dtype=torch.float64)], 1)
+    for target in (torch.arange(256) // 16, torch.arange(256) % 16):
+        fit = torch.linalg.lstsq(x, target.double()[:, None], driver="gelsd").solution
+        assert torch.allclose(x @ fit, target.double()[:, None], atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_sincos(16, 16, 30)
+
+
+def test_image_position_adds_the_grid_code_to_the_projected_tokens():
+    """Same weights, image_position sincos vs none: the image tokens differ by exactly the grid code."""
+    from cspexp.models.lisa import grid_sincos
+
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
+    plain = build(cfg, words=["red"]).model
+    cfg.image_position = "sincos"
+    coded = build(cfg, words=["red"]).model
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, _ = plain.encode_image(pixels)
+        b, _ = coded.encode_image(pixels)
+    code = grid_sincos(16, 16, a.shape[-1])
+    assert torch.allclose(b - a, code.expand_as(a), atol=1e-5)
+    cfg.image_norm = "rms"  # each token scaled to unit RMS (by hand: a / rms(a)), then the code
+    normed = build(cfg, words=["red"]).model
+    with torch.no_grad():
+        c, _ = normed.encode_image(pixels)
+    assert torch.allclose(c - code, a / a.pow(2).mean(-1, keepdim=True).sqrt(), atol=1e-4)
+    cfg.image_position = "learned"
+    with pytest.raises(Exception, match="image_position='learned' is not allowed"):
+        build(cfg, words=["red"])
+    cfg.image_position, cfg.image_norm = "sincos", "layer"
+    with pytest.raises(Exception, match="image_norm='layer' is not allowed"):
+        build(cfg, words=["red"])

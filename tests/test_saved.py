@@ -47,6 +47,21 @@ def test_round_trip_gives_the_same_masks(saved):
     )
 
 
+def test_round_trip_keeps_the_image_token_options(tmp_path):
+    """A from-scratch model's image-token options (grid code, RMS scaling) are part of the
+    architecture: the reloaded model gives the same image tokens, so the same masks."""
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
+    cfg.image_position, cfg.image_norm = "sincos", "rms"
+    original = build(cfg, words=["the red triangle"])
+    reloaded = load_saved(path=str(save_model(original, tmp_path / "m")))
+    assert (reloaded.model.image_position, reloaded.model.image_norm) == ("sincos", "rms")
+    batch = batch_for(original)
+    with torch.no_grad():
+        a = segment(original.model, batch, NoPruning())
+        b = segment(reloaded.model, batch, NoPruning())
+    assert torch.allclose(a.logits[0], b.logits[0], atol=1e-5)
+
+
 def _copy(path, tmp_path, edit):
     dst = tmp_path / "edited"
     dst.mkdir()

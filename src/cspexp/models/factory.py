@@ -15,7 +15,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
-from cspexp.models.lisa import LisaModel, text_hidden_fcs
+from cspexp.models.lisa import IMAGE_NORMS, IMAGE_POSITIONS, LisaModel, text_hidden_fcs
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import build_word_tokenizer
 from cspexp.utils.errors import ConfigError, require
@@ -122,11 +122,16 @@ def assemble(
     vision_select_layer: int = -2,
     seg_query: str = "before",
     attn_implementation: str = "sdpa",
+    image_position: str = "none",
+    image_norm: str = "none",
 ) -> LisaModel:
     """A LisaModel with freshly initialised weights of the given architecture (loaders then fill them)."""
     require(attn_implementation in ("sdpa", "eager"),
             f"model.attn_implementation={attn_implementation!r} is not allowed; use 'sdpa' or 'eager'")
     require(seg_query in ("before", "at"), f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
+    require(image_position in IMAGE_POSITIONS,
+            f"model.image_position={image_position!r} is not allowed; use one of {list(IMAGE_POSITIONS)}")
+    require(image_norm in IMAGE_NORMS, f"model.image_norm={image_norm!r} is not allowed; use one of {list(IMAGE_NORMS)}")
     vision_cfg._attn_implementation = attn_implementation
     llm_cfg._attn_implementation = attn_implementation
     sam_prompt_dim = sam_cfg.prompt_encoder_config.hidden_size
@@ -140,6 +145,8 @@ def assemble(
         seg_token_id=tokenizer.convert_tokens_to_ids("[SEG]"),
         vision_select_layer=vision_select_layer,
         seg_query=seg_query,
+        image_position=image_position,
+        image_norm=image_norm,
     ).eval()
 
 
@@ -153,7 +160,13 @@ def _from_scratch(model: LisaModel) -> LisaModel:
       click moved 0.03 % of the mask pixels after 150 steps, so no prompt (click or [SEG]) could ever
       select a shape. Its learned tokens are ``nn.Embedding`` → N(0, 1), also as in Meta's code;
     - the random-Fourier positional matrix: std 1 (SAM's) instead of hidden_size/2, without which the
-      mask decoder's position code is aliased noise."""
+      mask decoder's position code is aliased noise;
+    - the LLM's token embeddings: N(0, 1) instead of N(0, 0.02), so that a word arrives at the scale of
+      the projected image tokens (norm ≈ √d both). With 0.02 a word had norm 0.4 against the image
+      tokens' 6–16: after one layer each text token's residual was the average of the image tokens it
+      attended to, its own identity gone — measured: swapping "the red shape" for "the leftmost shape"
+      moved the query token's state by 0.5 % (a different image: by 90 %), and after 400 steps
+      "blue shape", "green circle" and "leftmost shape" still gave the same state."""
     with torch.no_grad():
         for module in model.sam.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
@@ -162,6 +175,7 @@ def _from_scratch(model: LisaModel) -> LisaModel:
             emb.positional_embedding.normal_(0.0, 1.0)
         model.sam.prompt_encoder.shared_embedding.positional_embedding.copy_(
             model.sam.shared_image_embedding.positional_embedding)
+        model.llm.get_input_embeddings().weight.normal_(0.0, 1.0)
     return model
 
 
@@ -175,6 +189,8 @@ def random_lisa(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     seg_query: str = "before",
+    image_position: str = "none",
+    image_norm: str = "none",
     words: Iterable[str] = (),
     **_ignored,
 ) -> LoadedModel:
@@ -194,6 +210,8 @@ def random_lisa(
             vision_select_layer=vision.get("select_layer", -2),
             seg_query=seg_query,
             attn_implementation=attn_implementation,
+            image_position=image_position,
+            image_norm=image_norm,
         )).to(resolve_dtype(dtype))
     processor = LisaProcessor(tokenizer=tokenizer, clip_size=vision["image_size"], sam_size=sam["image_size"])
     return LoadedModel(model=model, processor=processor, name=name)

@@ -24,6 +24,8 @@ from transformers import CLIPVisionModel, LlamaForCausalLM, SamModel
 # both what a token is and whether it takes part.
 SYSTEM, IMAGE, TEXT, PAD = 0, 1, 2, 3
 KIND_NAMES = {SYSTEM: "system", IMAGE: "image", TEXT: "text", PAD: "pad"}
+IMAGE_POSITIONS = ("none", "sincos")
+IMAGE_NORMS = ("none", "rms")
 
 
 @dataclass
@@ -43,6 +45,25 @@ def text_hidden_fcs(in_dim: int, out_dim: int) -> nn.ModuleList:
     return nn.ModuleList(
         [nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim), nn.Dropout(0.0))]
     )
+
+
+def grid_sincos(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """A fixed 2-D sine-cosine code of each cell of a rows×cols grid (raster order), [rows·cols, dim]:
+    the first half of the channels codes the row, the second the column, each with dim/4 frequencies
+    as sin/cos pairs (MAE's 2-D code), periods geometric from 2 cells to 4× the grid side, so every
+    frequency varies across the grid and the lowest is near-linear in the coordinate."""
+    if dim % 4:
+        raise ValueError(f"the grid position code needs a width divisible by 4, got {dim}")
+    k = dim // 4
+    periods = 2.0 * (2.0 * max(rows, cols)) ** (torch.arange(k, dtype=torch.float64) / max(k - 1, 1))
+    omega = 2 * torch.pi / periods  # [k]
+
+    def code(n: int) -> torch.Tensor:  # [n, 2k]
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    r, c = code(rows), code(cols)
+    return torch.cat([r[:, None].expand(rows, cols, 2 * k), c[None].expand(rows, cols, 2 * k)], dim=2).reshape(rows * cols, dim).float()
 
 
 def clip_cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
@@ -69,6 +90,15 @@ class LisaModel(nn.Module):
         image_token_id: id of the ``<image>`` placeholder in the prompt ids.
         seg_token_id: id of ``[SEG]``.
         seg_query: ``before`` (LISA: the state of the token just before ``[SEG]``) or ``at`` (``[SEG]`` itself).
+        image_position: ``none`` (LISA: position comes from CLIP's features) or ``sincos`` (a fixed 2-D
+            sine-cosine code of the grid cell added to each projected image token; see `grid_sincos`).
+            For models trained from scratch: a CLIP tower trained only through the LLM loses what little
+            position its learned embeddings carry (measured: linear-probe R² of a token's row 0.02), and
+            an LLM whose image tokens carry no position cannot say *where* the target is.
+        image_norm: ``none`` (LISA) or ``rms`` (each projected image token scaled to unit RMS, before the
+            position code: the scale of N(0, 1) word embeddings). For models trained from scratch:
+            unchecked, the projected tokens grew from norm 6 to 170 in 1 000 steps while words stay
+            near 10, so a fixed position code shrank to 4 % of a token.
     """
 
     def __init__(
@@ -83,10 +113,16 @@ class LisaModel(nn.Module):
         seg_token_id: int,
         vision_select_layer: int = -2,
         seg_query: str = "before",
+        image_position: str = "none",
+        image_norm: str = "none",
     ) -> None:
         super().__init__()
         if seg_query not in ("before", "at"):
             raise ValueError(f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"model.image_position={image_position!r} is not allowed; use one of {list(IMAGE_POSITIONS)}")
+        if image_norm not in IMAGE_NORMS:
+            raise ValueError(f"model.image_norm={image_norm!r} is not allowed; use one of {list(IMAGE_NORMS)}")
         self.vision_tower = vision_tower
         self.mm_projector = mm_projector
         self.llm = llm
@@ -96,6 +132,8 @@ class LisaModel(nn.Module):
         self.seg_token_id = seg_token_id
         self.vision_select_layer = vision_select_layer
         self.seg_query = seg_query
+        self.image_position = image_position
+        self.image_norm = image_norm
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -131,6 +169,11 @@ class LisaModel(nn.Module):
         out = self.vision_tower(pixel_values=clip_pixels.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.vision_select_layer][:, 1:]  # drop CLS: [B, N, d_vis]
         tokens = self.mm_projector(feats)
+        if self.image_norm == "rms":
+            tokens = F.rms_norm(tokens, (tokens.shape[-1],))
+        if self.image_position == "sincos":
+            rows, cols = self.grid_size
+            tokens = tokens + grid_sincos(rows, cols, tokens.shape[-1]).to(tokens.device, tokens.dtype)
         cls_attn = None
         if output_cls_attention:
             # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings).

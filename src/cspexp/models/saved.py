@@ -61,6 +61,8 @@ def save_model(loaded: LoadedModel, path: str | Path) -> Path:
         "name": loaded.name,
         "vision_select_layer": model.vision_select_layer,
         "seg_query": model.seg_query,
+        "image_position": model.image_position,
+        "image_norm": model.image_norm,
         "tokenizer": kind,
         "vision_config": model.vision_tower.config.to_dict(),
         "llm_config": model.llm.config.to_dict(),
@@ -138,6 +140,8 @@ def load_saved(
             vision_select_layer=config["vision_select_layer"],
             seg_query=seg_query or config["seg_query"],
             attn_implementation=attn_implementation,
+            image_position=config.get("image_position", "none"),
+            image_norm=config.get("image_norm", "none"),
         )
     if kind == "lisa":  # LISA's placeholder id is −200, not a vocabulary entry: the tokenizer says so
         model.image_token_id, model.seg_token_id = tokenizer.image_token_id, tokenizer.seg_token_id
