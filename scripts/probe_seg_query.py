@@ -9,6 +9,8 @@ Prints, for `n` val samples of `shapes`:
 - the [SEG] embedding's spread, and its mean squared distance to SAM's embedding of a click at the
   target's centre next to the level of a constant predictor (what `train.loss.match` can reach
   without locating anything);
+- R² of a linear probe from the query token's final state to the target's centroid and mean colour
+  (what `train.loss.describe` asks for);
 - how many of text_hidden_fcs' ReLU units are active for every / no sample;
 - what the image tokens carry: R² of a linear probe (least squares on two thirds of the images,
   scored on the rest) from the projected CLIP tokens to each patch's mean colour and to its row and
@@ -28,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from cspexp.cli import CONF_DIR
 from cspexp.data import vocabulary
 from cspexp.data.shapes import ShapesDataset
-from cspexp.lit.train_module import click_embeddings
+from cspexp.lit.train_module import SUFFIX_TOKENS, click_embeddings, target_descriptors
 from cspexp.pruning.methods.base import NoPruning
 from cspexp.pruning.pipeline import run_llm
 from cspexp.train import load_initial_weights
@@ -45,7 +47,7 @@ def linear_probe_r2(features: torch.Tensor, targets: torch.Tensor) -> list[float
     x = torch.cat([features, torch.ones(*features.shape[:-1], 1)], -1).double()
     y = targets.double()
     n_fit = max(1, 2 * x.shape[0] // 3)
-    fit = torch.linalg.lstsq(x[:n_fit].flatten(0, 1), y[:n_fit].flatten(0, 1)).solution
+    fit = torch.linalg.lstsq(x[:n_fit].flatten(0, 1), y[:n_fit].flatten(0, 1), driver="gelsd").solution
     pred, held = x[n_fit:].flatten(0, 1) @ fit, y[n_fit:].flatten(0, 1)
     return (1 - ((pred - held) ** 2).sum(0) / ((held - held.mean(0)) ** 2).sum(0)).tolist()
 
@@ -81,6 +83,16 @@ def main() -> None:
         target = click_embeddings(model, batch, "centre")
         print(f"[SEG] embedding: norm {seg.norm(dim=-1).mean():.3f}, spread {spread(seg):.2e}")
         print(f"match MSE {((seg - target) ** 2).mean():.4f} (a constant predictor: {((target - target.mean(0)) ** 2).mean():.4f})")
+        state, _ = run_llm(model, batch, NoPruning())
+        descriptors = target_descriptors(batch)[:, None]
+        # the query's last token: before "in this image ?" (phrases) or right before the template (sentences)
+        seg_at = (batch["input_ids"] == model.seg_token_id).float().argmax(1)
+        last_word = seg_at - SUFFIX_TOKENS - 1 - torch.tensor([0 if k == "implicit" else 4 for k in batch["query_kinds"]])
+        word_hidden = state.hidden[torch.arange(len(data)), state.columns_of(last_word + model.n_image_tokens - 1)]
+        for name, states in (("query token", query_hidden), ("last query word", word_hidden)):
+            r2 = linear_probe_r2(states[:, None], descriptors)
+            print(f"{name}: linear-probe R² of the target's centroid (x, y) and colour (r, g, b): "
+                  + " ".join(f"{v:.2f}" for v in r2))
         pre = model.text_hidden_fcs[0][0](query_hidden) > 0
         print(f"text_hidden_fcs ReLU units: {int(pre.all(0).sum())} active for every sample, "
               f"{int((~pre).all(0).sum())} for none, of {pre.shape[1]}")

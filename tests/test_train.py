@@ -18,7 +18,7 @@ from cspexp.lit.train_module import TrainModule, answer_ce, point_prompt_losses,
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import save_model
 from cspexp.pruning.methods import NoPruning
-from cspexp.pruning.pipeline import segment
+from cspexp.pruning.pipeline import run_llm, segment
 from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR
@@ -177,6 +177,9 @@ def test_from_scratch_sam_follows_its_prompt():
     fan_in = w.shape[1]
     assert w.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.25)  # kaiming-uniform(a=√5)
     assert decoder.mask_tokens.weight.std().item() == pytest.approx(1.0, rel=0.3)  # nn.Embedding: N(0, 1)
+    # words arrive at the scale of the image tokens (with transformers' 0.02 they were 15–40× smaller)
+    words = model.llm.get_input_embeddings().weight
+    assert words.std().item() == pytest.approx(1.0, rel=0.1)
     batch = tiny().processor.collate([ShapesDataset(split="val", n=2)[i] for i in range(2)])
     with torch.no_grad():
         emb = model.image_embeddings(batch["sam_pixels"])
@@ -238,3 +241,77 @@ def test_finetune_under_csp_saves_a_model_that_evaluation_loads(tmp_path):
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["n_samples"] == 4
+
+
+def test_target_descriptors_and_describe_loss_by_hand():
+    """Centroid and mean colour of a three-pixel target worked by hand; the loss is 0 for a read-out
+    that outputs the targets and the constant reference is their variance about the batch mean."""
+    from cspexp.lit.train_module import describe_loss, target_descriptors
+
+    loaded = tiny()
+    pixels = [(10, 20), (10, 22), (12, 21)]
+    batch = _one_image_batch(loaded, pixels)  # 40 × 60 image
+    image = batch["images"][0].astype(float)
+    colour = sum(image[y, x] for y, x in pixels) / 3 / 127.5 - 1
+    centre_x, centre_y = (21 + 0.5) / 60 * 2 - 1, (32 / 3 + 0.5) / 40 * 2 - 1
+    got = target_descriptors(batch)[0]
+    assert torch.allclose(got, torch.tensor([centre_x, centre_y, *colour], dtype=torch.float32), atol=1e-6)
+
+    two = {**batch, "gt_masks": [batch["gt_masks"][0], torch.zeros_like(batch["gt_masks"][0])],
+           "images": batch["images"] * 2}
+    targets = torch.stack([got, torch.zeros(5)])  # an empty mask: image centre, grey
+    head = torch.nn.Linear(3, 5)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(got)
+    hidden = torch.zeros(2, 1, 3)
+    loss, constant = describe_loss(head, hidden, two)
+    assert loss.item() == pytest.approx(float((targets[1] - got).pow(2).sum() / 10), rel=1e-5)  # row 0 exact
+    assert constant.item() == pytest.approx(float(((targets - targets.mean(0)) ** 2).mean()), rel=1e-5)
+    with torch.no_grad():
+        head.weight.copy_(torch.cat([torch.eye(3), torch.zeros(2, 3)]))
+        head.bias.zero_()
+    hidden = targets[:, None, :3]
+    loss, _ = describe_loss(head, hidden, two)
+    assert loss.item() == pytest.approx(float(((targets[:, 3:]) ** 2).mean() * 2 / 5), rel=1e-5)
+
+
+def test_suffix_states_are_the_template_words_after_the_query():
+    """The states `describe` reads are those of "please output segmentation mask . assistant :" (found
+    through the prompt ids, by hand), the last being the query token's, in both templates."""
+    from cspexp.lit.train_module import suffix_states
+
+    loaded = tiny()
+    data = ShapesDataset(split="val", n=6)
+    batch = loaded.processor.collate([data[i] for i in range(6)])
+    assert len(set(batch["query_kinds"])) > 1  # phrase and sentence templates both present
+    state, query_hidden = run_llm(loaded.model, batch, NoPruning())
+    got = suffix_states(state)
+    assert torch.equal(got[:, -1], query_hidden)
+    words = "please output segmentation mask . assistant :".split()
+    n_image = loaded.model.n_image_tokens
+    for b in range(6):
+        ids = batch["input_ids"][b].tolist()
+        seg = ids.index(loaded.model.seg_token_id)
+        assert loaded.processor.tokenizer.convert_ids_to_tokens(ids[seg - 7: seg]) == words
+        for k in range(7):  # text index t sits at spliced position t + n_image − 1
+            col = int((state.pos[b] == seg - 7 + k + n_image - 1).nonzero())
+            assert torch.equal(got[b, k], state.hidden[b, col])
+
+
+def test_describe_trains_the_llm_side_only():
+    """`describe` reads the LLM's final states: its gradient reaches the LLM, the projector and CLIP,
+    never SAM or text_hidden_fcs (it says nothing about masks)."""
+    from cspexp.lit.train_module import describe_loss, suffix_states
+
+    loaded = tiny()
+    model = loaded.model
+    batch = loaded.processor.collate([ShapesDataset(split="val", n=2)[i] for i in range(2)])
+    out = segment(model, batch, NoPruning())
+    head = torch.nn.Linear(model.llm.config.hidden_size, 5)
+    loss, _ = describe_loss(head, suffix_states(out.state), batch)
+    loss.backward()
+    grad = lambda prefix: sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
+                              if n.startswith(prefix) and p.grad is not None)
+    assert grad("llm.model.layers") > 0 and grad("mm_projector.") > 0 and grad("vision_tower.") > 0
+    assert grad("sam.") == 0 and grad("text_hidden_fcs.") == 0
