@@ -136,8 +136,9 @@ def test_physical_drop_equals_masking(tiny, method):
 
 
 # --------------------------------------------------------------------------- (c) scoring row
-@pytest.mark.parametrize("query", ["seg", "seg_token", "last", "text_mean"])
-def test_scoring_row_equals_eager_attention_matrix(query):
+@pytest.mark.parametrize(("query", "head"), [("seg", None), ("seg_token", None), ("last", None), ("text_mean", None),
+                                             ("seg", 1), ("text_mean", 3)])
+def test_scoring_row_equals_eager_attention_matrix(query, head):
     torch.manual_seed(0)
     cfg = llm_config({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4, "num_attention_heads": 4,
                       "num_key_value_heads": 2}, vocab_size=50, pad_token_id=0, attn_implementation="eager")
@@ -149,8 +150,9 @@ def test_scoring_row_equals_eager_attention_matrix(query):
                     output_attentions=True)
         state = TokenState.from_prompt(prompt, 4)
         state.hidden = out.hidden_states[layer_idx]  # the input of layer 2
-        scores = query_attention(model.layers[layer_idx], model.rotary_emb, state, query)
-    full = out.attentions[layer_idx].mean(1)  # [B, n, n], heads averaged
+        scores = query_attention(model.layers[layer_idx], model.rotary_emb, state, query, head=head)
+    # [B, n, n]: heads averaged, or the one head asked for (training supervises one head)
+    full = out.attentions[layer_idx].mean(1) if head is None else out.attentions[layer_idx][:, head]
     from cspexp.pruning.scoring import query_mask
 
     rows = query_mask(state, query)

@@ -15,10 +15,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from cspexp.lit.attend import SUFFIX_TOKENS, AttentionTap, attend_loss, query_words, recall_loss, target_cells
 from cspexp.lit.losses import mask_losses
 from cspexp.metrics.seg_iou import SegIoU
 from cspexp.pruning.methods.base import PruningMethod
+from cspexp.pruning.methods.vtw import VisualTokenWithdrawal
 from cspexp.pruning.pipeline import segment
+from cspexp.utils.errors import require
 
 ANSWER_TOKENS = 3  # "[SEG]", ".", "</s>"
 
@@ -125,9 +128,6 @@ def prompt_match_loss(model, seg_embeds, batch) -> torch.Tensor:
 
 
 DESCRIPTOR_DIMS = 5  # centroid (x, y) and mean colour (r, g, b)
-# The prompt's last words before the answer: "… Please output segmentation mask. ASSISTANT:" (both of
-# LISA's templates end so; word-level: 7 tokens, all after the query, the last the query token).
-SUFFIX_TOKENS = 7
 
 
 def suffix_states(state) -> torch.Tensor:
@@ -183,6 +183,9 @@ class TrainModule(L.LightningModule):
         warmup_steps: int = 100,
         loss_weights: dict | None = None,
         val_method: PruningMethod | None = None,
+        text_only_steps: int = 0,
+        attend_layers: list[int] | tuple[int, ...] = (),
+        attend_head: int = 0,
     ) -> None:
         super().__init__()
         self.model = loaded.model
@@ -190,17 +193,40 @@ class TrainModule(L.LightningModule):
         self.val_method = val_method or method
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.weights = {"ce": 1.0, "bce": 2.0, "dice": 0.5, "lm": 0.0, "point": 0.0, "match": 0.0, "describe": 0.0,
-                        **(loss_weights or {})}  # LISA's defaults
-        # A training aid, not part of the model: the linear read-out of `describe_loss`.
-        self.describe_head = torch.nn.Linear(self.model.llm.config.hidden_size, DESCRIPTOR_DIMS) \
-            if self.weights["describe"] else None
+                        "recall": 0.0, "attend": 0.0, **(loss_weights or {})}  # LISA's defaults
+        d = self.model.llm.config.hidden_size
+        # Training aids, not part of the model: the linear read-outs of `describe_loss` and `recall_loss`.
+        self.describe_head = torch.nn.Linear(d, DESCRIPTOR_DIMS) if self.weights["describe"] else None
+        self.recall_head = torch.nn.Linear(d, self.model.llm.config.vocab_size) if self.weights["recall"] else None
+        # cspexp.lit.attend: the first `text_only_steps` steps withdraw every image token before layer 0.
+        self.text_only_steps = int(text_only_steps)
+        self.text_only = VisualTokenWithdrawal(layer=0)
+        self.text_only.validate(self.model.num_layers, self.model.n_image_tokens)
+        self.attend_layers, self.attend_head = [int(x) for x in attend_layers], int(attend_head)
+        if self.weights["attend"]:
+            n_layers, n_heads = self.model.num_layers, self.model.llm.config.num_attention_heads
+            require(bool(self.attend_layers) and all(0 <= x < n_layers for x in self.attend_layers),
+                    f"train.attend.layers={self.attend_layers} must list layers in [0, {n_layers - 1}] when loss.attend > 0")
+            require(0 <= self.attend_head < n_heads, f"train.attend.head={self.attend_head} is outside [0, {n_heads - 1}]")
         self.val_metric = SegIoU()
 
+    def forward_method(self) -> tuple[PruningMethod, AttentionTap | None]:
+        """The method this step's forward pass runs — during the text-only warm-up every image token
+        withdrawn before layer 0, else the training schedule — and, when `attend` is on and the image
+        tokens are there, the AttentionTap wrapping it (then it is the method too)."""
+        if self.global_step < self.text_only_steps:
+            return self.text_only, None
+        if self.weights["attend"]:
+            tap = AttentionTap(self.method, self.attend_layers, self.attend_head)
+            return tap, tap
+        return self.method, None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = segment(self.model, batch, self.method)
+        w = self.weights
+        method, tap = self.forward_method()
+        out = segment(self.model, batch, method)
         ce = answer_ce(self.model, out, batch)
         bce, dice = mask_losses(out.logits, batch["gt_masks"])
-        w = self.weights
         loss = w["ce"] * ce + w["bce"] * bce + w["dice"] * dice
         logs = {"train/loss": loss, "train/ce": ce, "train/bce": bce, "train/dice": dice}
         if w["lm"]:
@@ -219,6 +245,15 @@ class TrainModule(L.LightningModule):
             describe, constant = describe_loss(self.describe_head, suffix_states(out.state), batch)
             loss = loss + w["describe"] * describe
             logs.update({"train/loss": loss, "train/describe": describe, "train/describe_const": constant})
+        if w["recall"]:
+            words = query_words(batch, self.model.image_token_id, self.model.seg_token_id, self.recall_head.out_features)
+            recall = recall_loss(self.recall_head, suffix_states(out.state), words)
+            loss = loss + w["recall"] * recall
+            logs.update({"train/loss": loss, "train/recall": recall})
+        if tap is not None:
+            attend, mass = attend_loss(tap.records, target_cells(batch, self.model.grid_size))
+            loss = loss + w["attend"] * attend
+            logs.update({"train/loss": loss, "train/attend": attend, "train/attend_mass": mass})
         bs = len(batch["gt_masks"])
         self.log_dict(logs, prog_bar=True, batch_size=bs)
         return loss

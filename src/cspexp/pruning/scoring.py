@@ -42,9 +42,10 @@ def query_mask(state, query: str) -> torch.Tensor:
     return (state.kind == TEXT) & (state.pos <= state.query_pos[:, None])
 
 
-def query_attention(layer, rotary_emb, state, query: str = "seg") -> torch.Tensor:
+def query_attention(layer, rotary_emb, state, query: str = "seg", head: int | None = None) -> torch.Tensor:
     """Mean attention [B, n_image] that the query tokens pay to each image token at `layer`,
-    computed from `state` as the layer's input (heads and query tokens averaged)."""
+    computed from `state` as the layer's input (query tokens averaged; heads averaged, or only
+    `head`'s row when given — training supervises one head, see `cspexp.lit.attend`)."""
     attn = layer.self_attn
     x = layer.input_layernorm(state.hidden)  # [B, n, d]
     B, n, _ = x.shape
@@ -72,7 +73,8 @@ def query_attention(layer, rotary_emb, state, query: str = "seg") -> torch.Tenso
     q_pos = torch.gather(state.pos, 1, q_cols)  # [B, q]
     visible = (state.pos[:, None, :] <= q_pos[:, :, None]) & (state.kind != PAD)[:, None, :]  # [B, q, n]
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = scores.softmax(dim=-1).mean(dim=1)  # heads averaged → [B, q, n]
+    probs = scores.softmax(dim=-1)
+    probs = probs.mean(dim=1) if head is None else probs[:, head]  # → [B, q, n]
     probs = (probs * q_weight[..., None]).sum(1) / q_weight.sum(1, keepdim=True)  # query tokens averaged
     img_cols = state.image_columns()
     return torch.gather(probs, 1, img_cols)
