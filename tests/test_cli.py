@@ -95,7 +95,9 @@ def test_help_and_cfg_job(tmp_path):
         assert group in help_.stdout
     cfg = cspexp("--cfg", "job", "prune.keep=0.5", cwd=tmp_path)
     assert cfg.returncode == 0
-    assert "keep: 0.5" in cfg.stdout and "_target_: cspexp.models.factory.random_lisa" in cfg.stdout
+    # the defaults: the packaged model (its path resolved into the installed package) under csp
+    assert "keep: 0.5" in cfg.stdout and "_target_: cspexp.models.saved.load_saved" in cfg.stdout
+    assert "assets/tiny_lisa" in cfg.stdout.replace("\\", "/") and "cspexp.pruning.methods.ClusterScatterPrune" in cfg.stdout
 
 
 def test_multirun_runs_each_job(tmp_path):
