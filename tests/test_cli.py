@@ -24,7 +24,7 @@ def cspexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_end_to_end_run_writes_consistent_results(tmp_path):
     run_dir = tmp_path / "run"
-    proc = cspexp("model=tiny_random", "dataset=shapes", "dataset.n=8", "logger=none", f"hydra.run.dir={run_dir}",
+    proc = cspexp("model=tiny_random", "prune=none", "dataset=shapes", "dataset.n=8", "logger=none", f"hydra.run.dir={run_dir}",
                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
@@ -95,7 +95,9 @@ def test_help_and_cfg_job(tmp_path):
         assert group in help_.stdout
     cfg = cspexp("--cfg", "job", "prune.keep=0.5", cwd=tmp_path)
     assert cfg.returncode == 0
-    assert "keep: 0.5" in cfg.stdout and "_target_: cspexp.models.factory.random_lisa" in cfg.stdout
+    # the defaults: the packaged model (its path resolved into the installed package) under csp
+    assert "keep: 0.5" in cfg.stdout and "_target_: cspexp.models.saved.load_saved" in cfg.stdout
+    assert "path: ${packaged:tiny_lisa}" in cfg.stdout and "cspexp.pruning.methods.ClusterScatterPrune" in cfg.stdout
 
 
 def test_multirun_runs_each_job(tmp_path):

@@ -159,7 +159,7 @@ def test_a_failing_rank_ends_the_run_without_hanging_or_results(tmp_path):
     run_dir = tmp_path / "run"
     importable = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     proc = cspexp("model=tiny_random", "dataset.n=7", "dataset.batch_size=2", "trainer=ddp_cpu", "logger=none",
-                  "prune._target_=test_ddp_eval.FailsOnRankOne", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                  "prune=none", "prune._target_=test_ddp_eval.FailsOnRankOne", f"hydra.run.dir={run_dir}", cwd=tmp_path,
                   extra_env={"PYTHONPATH": importable})
     assert proc.returncode != 0
     assert not (run_dir / "results.json").exists() and not (run_dir / "samples.jsonl").exists()

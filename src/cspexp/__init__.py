@@ -6,3 +6,7 @@ Stages of the data flow, one sub-package each (an arrow only points down this li
 """
 
 __version__ = "0.1.0"
+
+from cspexp.models.packaged import register_resolvers as _register_resolvers
+
+_register_resolvers()  # ${packaged:NAME} must resolve in every entry point's configs
