@@ -315,3 +315,16 @@ def test_describe_trains_the_llm_side_only():
                               if n.startswith(prefix) and p.grad is not None)
     assert grad("llm.model.layers") > 0 and grad("mm_projector.") > 0 and grad("vision_tower.") > 0
     assert grad("sam.") == 0 and grad("text_hidden_fcs.") == 0
+
+
+def test_more_training_data_than_the_split_holds_is_one_clear_error(tmp_path):
+    """Evaluation caps dataset.n at the split's size; training must not silently train on less."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "cspexp.train", "train.data.n=20001", "logger=none",
+                           f"hydra.run.dir={run}"], cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert lines[-1].endswith("train.data.n=20001 is more than the train split holds (20000 items); lower it, "
+                              "or enlarge the split (shapes: train.data.split_sizes)"), proc.stderr
+    assert not (run / "train_results.json").exists()

@@ -32,7 +32,7 @@ from cspexp.models.factory import model_shape
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import read_config, save_model
 from cspexp.outputs.files import write_json_atomic
-from cspexp.utils.errors import ConfigError, MissingPathError
+from cspexp.utils.errors import ConfigError, MissingPathError, require
 from cspexp.utils.instantiate import build
 
 log = logging.getLogger("cspexp.train")
@@ -66,6 +66,11 @@ def train(cfg: DictConfig) -> dict:
     if shape is not None:
         method.validate(*shape)
     train_data = build_dataset(cfg.train.data)
+    asked = cfg.train.data.get("n")
+    # Evaluation reads dataset.n as "at most n"; for training a silently smaller set is a wrong recipe.
+    require(asked is None or len(train_data) >= int(asked),
+            f"train.data.n={asked} is more than the {cfg.train.data.get('split', 'train')} split holds "
+            f"({len(train_data)} items); lower it, or enlarge the split (shapes: train.data.split_sizes)")
     val_data = build_dataset(cfg.dataset)
     loaded = build(cfg.model, words=vocabulary(train_data))
     if shape is None:
