@@ -190,3 +190,81 @@ def test_train_config_defaults_keep_lisa_and_the_recipe_turns_the_aids_on():
     recipe = OmegaConf.load(CONF_DIR / "experiment" / "train_tiny_lisa.yaml").train
     assert recipe.loss.attend > 0 and recipe.loss.recall > 0 and recipe.text_only_steps > 0
     assert np.all(np.asarray(recipe.attend.layers) < OmegaConf.load(CONF_DIR / "model" / "tiny_lisa_scratch.yaml").llm.num_hidden_layers)
+
+
+def test_relational_items_carry_their_anchor_and_the_others_none():
+    """The anchor mask of a relational item is one shape other than the target: its pixels have one
+    colour in the image (the anchor's), and that colour or kind is named at the end of the query
+    ("… left of the red square"); referring and implicit items have an all-zero anchor mask."""
+    data = ShapesDataset(split="val", n=60)
+    seen = {"relational": 0, "other": 0}
+    for i in range(len(data)):
+        item, scene = data[i], data.scene(i)
+        anchor = item["anchor_mask"]
+        assert anchor.shape == item["mask"].shape and anchor.dtype == np.uint8
+        if item["query_kind"] != "relational":
+            assert scene.anchor is None and not anchor.any()
+            seen["other"] += 1
+            continue
+        seen["relational"] += 1
+        a = scene.shapes[scene.anchor]
+        assert scene.anchor != scene.target and anchor.any() and not (anchor.astype(bool) & item["mask"].astype(bool)).any()
+        pixels = item["image"][anchor.astype(bool)].astype(float)
+        assert np.abs(pixels.mean(0) - np.asarray(a.rgb)).max() < 6  # painted with the anchor's colour (± noise)
+        last = tokenize_query(item["query"])[-2:]
+        assert a.colour in last or a.kind in last, (item["query"], a)
+    assert seen["relational"] >= 10 and seen["other"] >= 10
+
+
+def test_collate_passes_anchor_masks_only_when_every_item_has_one():
+    loaded = tiny()
+    data = ShapesDataset(split="val", n=3)
+    items = [data[i] for i in range(3)]
+    batch = loaded.processor.collate(items)
+    assert all(torch.equal(b, torch.from_numpy(it["anchor_mask"])) for b, it in zip(batch["anchor_masks"], items, strict=True))
+    plain = [{k: v for k, v in it.items() if k != "anchor_mask"} for it in items]
+    assert "anchor_masks" not in loaded.processor.collate(plain)
+
+
+def test_anchor_head_is_recorded_apart_and_trained_onto_the_anchor():
+    """The anchor probe records its own head's row (the target probe's head differs) at its own layer,
+    and `anchor` alone, on the relational items' anchors, raises that head's mass on the anchor."""
+    torch.manual_seed(0)
+    loaded = tiny()
+    model = loaded.model
+    data = ShapesDataset(split="val", n=40)
+    rel = [data[i] for i in range(len(data)) if data[i]["query_kind"] == "relational"][:2]
+    batch = loaded.processor.collate(rel)
+    tap = AttentionTap(NoPruning(), layers=[1], head=0, anchor_layers=[1], anchor_head=2)
+    segment(model, batch, tap)
+    (p_target, _), = tap.records
+    (p_anchor, _), = tap.anchor_records
+    assert not torch.allclose(p_target, p_anchor)  # two heads
+    cells = target_cells(batch, model.grid_size, "anchor_masks")
+    assert torch.all(cells.sum(1) > 0) and not torch.allclose(cells, target_cells(batch, model.grid_size))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    masses = []
+    for _ in range(25):
+        tap = AttentionTap(NoPruning(), layers=[], anchor_layers=[1], anchor_head=2)
+        segment(model, batch, tap)
+        loss, mass = attend_loss(tap.anchor_records, cells)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        masses.append(mass.item())
+    assert not tap.records and masses[-1] > 4 * masses[0] and masses[-1] > 0.3, masses
+
+
+def test_anchor_loss_needs_its_layers_and_anchor_masks():
+    with pytest.raises(ConfigError, match=r"train.attend.anchor.layers=\[\] must list layers in \[0, 7\] when loss.anchor > 0"):
+        TrainModule(tiny(), NoPruning(), loss_weights={"anchor": 1.0})
+    with pytest.raises(ConfigError, match=r"train.attend.anchor.head=4 is outside \[0, 3\]"):
+        TrainModule(tiny(), NoPruning(), loss_weights={"anchor": 1.0}, anchor_layers=[2], anchor_head=4)
+    loaded = tiny()
+    module = TrainModule(loaded, NoPruning(), loss_weights={"anchor": 1.0}, anchor_layers=[2])
+    method, tap = module.forward_method()
+    assert tap is method and tap.layers == [] and tap.anchor_layers == [2]
+    batch = val_batch(loaded, 2)
+    del batch["anchor_masks"]
+    with pytest.raises(ConfigError, match="train.loss.anchor > 0 needs training data whose items carry an 'anchor_mask'"):
+        module.training_step(batch, 0)

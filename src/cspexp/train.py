@@ -101,7 +101,8 @@ def train(cfg: DictConfig) -> dict:
     module = TrainModule(loaded, method, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          warmup_steps=cfg.train.warmup_steps, loss_weights=dict(cfg.train.loss),
                          text_only_steps=cfg.train.text_only_steps, attend_layers=list(cfg.train.attend.layers),
-                         attend_head=cfg.train.attend.head)
+                         attend_head=cfg.train.attend.head, anchor_layers=list(cfg.train.attend.anchor.layers),
+                         anchor_head=cfg.train.attend.anchor.head)
     loaded.model.train()  # builders return eval mode; Lightning keeps the mode it finds
     started = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.train.resume)

@@ -226,6 +226,7 @@ class Scene:
     query: str
     query_kind: str
     family: str
+    anchor: int | None = None  # relational queries: the shape the relation is relative to
 
 
 def _outline(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -329,6 +330,7 @@ class _Candidate(NamedTuple):
     target: int
     necessary: bool  # the part that needs reasoning (relation, superlative) is actually needed
     render: Callable[[np.random.Generator], str]
+    anchor: int | None = None  # relational queries: the shape the relation is relative to
 
 
 def _pick(rng: np.random.Generator, seq):
@@ -442,20 +444,20 @@ class _QueryGenerator:
                         continue  # target not clearly there, or some shape too close to call
                     sat = [i for i in group if deltas[i] >= m]
                     if len(sat) == 1:
-                        out.append(_Candidate(direction, t, necessary, lambda rng, w=rel_words, p=phrase: p(rng, (), w)))
+                        out.append(_Candidate(direction, t, necessary, lambda rng, w=rel_words, p=phrase: p(rng, (), w), a))
                         continue
                     rest = [i for i in sat if i != t]
                     if _beats(dist[t], [dist[i] for i in rest], m, lower=True):
-                        out.append(_Candidate(direction, t, True, lambda rng, w=rel_words, p=phrase: p(rng, _DISAMBIGUATORS["nearest"], w)))
+                        out.append(_Candidate(direction, t, True, lambda rng, w=rel_words, p=phrase: p(rng, _DISAMBIGUATORS["nearest"], w), a))
                     for which in ("large", "small"):
                         if _area_extreme(sh[t], [sh[i] for i in rest], which == "large"):
-                            out.append(_Candidate(direction, t, True, lambda rng, w=rel_words, d=_DISAMBIGUATORS[which], p=phrase: p(rng, d, w)))
+                            out.append(_Candidate(direction, t, True, lambda rng, w=rel_words, d=_DISAMBIGUATORS[which], p=phrase: p(rng, d, w), a))
                 rest = [dist[i] for i in group if i != t]
                 for prox, rel_words in _PROXIMITY_WORDS.items():
                     if not rest and prox == "farthest":
                         continue  # "farthest" of a single candidate reads oddly
                     if _beats(dist[t], rest, m, lower=(prox == "closest")):
-                        out.append(_Candidate(prox, t, necessary, lambda rng, w=rel_words, p=phrase: p(rng, (), w)))
+                        out.append(_Candidate(prox, t, necessary, lambda rng, w=rel_words, p=phrase: p(rng, (), w), a))
         return out
 
     # ---------------------------------------------------------------- implicit (sentences)
@@ -617,7 +619,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for ShapesDataset({self.split!r}) of length {self.length}")
         return i
 
-    def _generate(self, i: int) -> tuple[Scene, np.ndarray, np.ndarray]:
+    def _generate(self, i: int) -> tuple[Scene, np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.offset + i])
         # The kind is fixed before any scene is drawn, so resampling cannot skew the kind shares.
         kind = self.kinds[int(rng.integers(len(self.kinds)))]
@@ -634,7 +636,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             query = cand.render(rng)
             image = _render(rng, shapes, labels)
             mask = (labels == cand.target + 1).astype(np.uint8)
-            return Scene(shapes, cand.target, query, kind, cand.family), image, mask
+            # All zeros when the query has no anchor (referring, implicit).
+            anchor = (labels == cand.anchor + 1).astype(np.uint8) if cand.anchor is not None else np.zeros_like(mask)
+            return Scene(shapes, cand.target, query, kind, cand.family, cand.anchor), image, mask, anchor
         raise RuntimeError(f"could not generate a {kind} query for item {i} of split {self.split!r}")
 
     @staticmethod
@@ -663,11 +667,12 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> dict:
         i = self._check_index(i)
-        scene, image, mask = self._generate(i)
+        scene, image, mask, anchor = self._generate(i)
         return {
             "idx": i,
             "image": image,
             "mask": mask,
+            "anchor_mask": anchor,  # training aid (cspexp.lit.attend); evaluation ignores it
             "query": scene.query,
             "is_sentence": scene.query_kind == "implicit",
             "query_kind": scene.query_kind,

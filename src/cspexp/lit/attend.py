@@ -17,6 +17,10 @@ chance 0.19):
    directly: cross-entropy between one head's attention row of the query token and the target's
    share of each image-token cell, i.e. gradient ~ (p − target), not ~ p.
 
+Relational queries ("the circle left of the red square") need a hop more: find the anchor, then the
+shapes placed so relative to it. `train.attend.anchor` supervises another head (at an earlier layer)
+onto the anchor the same way (`target_cells(..., key="anchor_masks")`; only relational items have one).
+
 On the probe: warm-up + attend at one layer → row within ±1 0.90 after 300 image steps (neither
 alone: 0.31 / 0.37 at 600 steps). All three are training aids: they add no parameter to the model
 (recall's read-out lives in the LightningModule and is not saved).
@@ -35,14 +39,15 @@ from cspexp.pruning.scoring import query_attention
 SUFFIX_TOKENS = 7
 
 
-def target_cells(batch, grid_size: tuple[int, int]) -> torch.Tensor:
+def target_cells(batch, grid_size: tuple[int, int], key: str = "gt_masks") -> torch.Tensor:
     """[B, rows·cols] the share of each image-token cell the target covers, in CLIP's frame.
 
     CLIP's preprocessing resizes the shortest side and centre-crops a square, so the image tokens see
     the centred square of side min(H, W) of the original; the target mask (value 1; 255 = ignore is
-    not target) is cropped the same way and area-pooled to the token grid."""
+    not target) is cropped the same way and area-pooled to the token grid. `key="anchor_masks"`: the
+    same for the anchor of relational queries (all-zero rows for the others)."""
     rows = []
-    for gt in batch["gt_masks"]:
+    for gt in batch[key]:
         h, w = gt.shape
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
@@ -55,28 +60,35 @@ class AttentionTap(PruningMethod):
     """Wraps the training run's pruning method and records, at `layers`, the attention row of the
     query token (the token whose final state is the [SEG] embedding) in head `head` over the image
     tokens present — with gradients, as the layer computes it (`query_attention`, checked against
-    eager attention in the tests). Everything else is the wrapped method's."""
+    eager attention in the tests) — and likewise at `anchor_layers` in head `anchor_head` (into
+    `anchor_records`). Everything else is the wrapped method's."""
 
-    def __init__(self, inner: PruningMethod, layers: list[int], head: int = 0) -> None:
+    def __init__(self, inner: PruningMethod, layers: list[int], head: int = 0,
+                 anchor_layers: list[int] = (), anchor_head: int = 1) -> None:
         self.inner, self.layers, self.head = inner, list(layers), int(head)
+        self.anchor_layers, self.anchor_head = list(anchor_layers), int(anchor_head)
         self.keep = inner.keep
         self.name = inner.name
         self.needs_cls_attention = inner.needs_cls_attention
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.anchor_records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def validate(self, num_layers: int, n_image: int) -> None:
         self.inner.validate(num_layers, n_image)
 
     def setup(self, state, ctx) -> None:
-        self.records = []
+        self.records, self.anchor_records = [], []
         self.inner.setup(state, ctx)
 
     def before_layer(self, layer: int, state, ctx) -> None:
         self.inner.before_layer(layer, state, ctx)
-        if layer in self.layers and state.n_image:
-            probs = query_attention(ctx.layers[layer], ctx.rotary_emb, state, "seg", head=self.head)
-            grid = torch.gather(state.grid, 1, state.image_columns())
-            self.records.append((probs, grid))
+        if not state.n_image:
+            return
+        for layers, head, records in ((self.layers, self.head, self.records),
+                                      (self.anchor_layers, self.anchor_head, self.anchor_records)):
+            if layer in layers:
+                probs = query_attention(ctx.layers[layer], ctx.rotary_emb, state, "seg", head=head)
+                records.append((probs, torch.gather(state.grid, 1, state.image_columns())))
 
     def describe(self) -> dict:
         return self.inner.describe()

@@ -186,6 +186,8 @@ class TrainModule(L.LightningModule):
         text_only_steps: int = 0,
         attend_layers: list[int] | tuple[int, ...] = (),
         attend_head: int = 0,
+        anchor_layers: list[int] | tuple[int, ...] = (),
+        anchor_head: int = 1,
     ) -> None:
         super().__init__()
         self.model = loaded.model
@@ -193,7 +195,7 @@ class TrainModule(L.LightningModule):
         self.val_method = val_method or method
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.weights = {"ce": 1.0, "bce": 2.0, "dice": 0.5, "lm": 0.0, "point": 0.0, "match": 0.0, "describe": 0.0,
-                        "recall": 0.0, "attend": 0.0, **(loss_weights or {})}  # LISA's defaults
+                        "recall": 0.0, "attend": 0.0, "anchor": 0.0, **(loss_weights or {})}  # LISA's defaults
         d = self.model.llm.config.hidden_size
         # Training aids, not part of the model: the linear read-outs of `describe_loss` and `recall_loss`.
         self.describe_head = torch.nn.Linear(d, DESCRIPTOR_DIMS) if self.weights["describe"] else None
@@ -203,11 +205,18 @@ class TrainModule(L.LightningModule):
         self.text_only = VisualTokenWithdrawal(layer=0)
         self.text_only.validate(self.model.num_layers, self.model.n_image_tokens)
         self.attend_layers, self.attend_head = [int(x) for x in attend_layers], int(attend_head)
+        self.anchor_layers, self.anchor_head = [int(x) for x in anchor_layers], int(anchor_head)
+        n_layers, n_heads = self.model.num_layers, self.model.llm.config.num_attention_heads
         if self.weights["attend"]:
-            n_layers, n_heads = self.model.num_layers, self.model.llm.config.num_attention_heads
             require(bool(self.attend_layers) and all(0 <= x < n_layers for x in self.attend_layers),
                     f"train.attend.layers={self.attend_layers} must list layers in [0, {n_layers - 1}] when loss.attend > 0")
             require(0 <= self.attend_head < n_heads, f"train.attend.head={self.attend_head} is outside [0, {n_heads - 1}]")
+        if self.weights["anchor"]:
+            require(bool(self.anchor_layers) and all(0 <= x < n_layers for x in self.anchor_layers),
+                    f"train.attend.anchor.layers={self.anchor_layers} must list layers in [0, {n_layers - 1}] "
+                    "when loss.anchor > 0")
+            require(0 <= self.anchor_head < n_heads,
+                    f"train.attend.anchor.head={self.anchor_head} is outside [0, {n_heads - 1}]")
         self.val_metric = SegIoU()
 
     def forward_method(self) -> tuple[PruningMethod, AttentionTap | None]:
@@ -216,8 +225,9 @@ class TrainModule(L.LightningModule):
         tokens are there, the AttentionTap wrapping it (then it is the method too)."""
         if self.global_step < self.text_only_steps:
             return self.text_only, None
-        if self.weights["attend"]:
-            tap = AttentionTap(self.method, self.attend_layers, self.attend_head)
+        if self.weights["attend"] or self.weights["anchor"]:
+            tap = AttentionTap(self.method, self.attend_layers if self.weights["attend"] else [], self.attend_head,
+                               self.anchor_layers if self.weights["anchor"] else [], self.anchor_head)
             return tap, tap
         return self.method, None
 
@@ -250,10 +260,16 @@ class TrainModule(L.LightningModule):
             recall = recall_loss(self.recall_head, suffix_states(out.state), words)
             loss = loss + w["recall"] * recall
             logs.update({"train/loss": loss, "train/recall": recall})
-        if tap is not None:
+        if tap is not None and w["attend"]:
             attend, mass = attend_loss(tap.records, target_cells(batch, self.model.grid_size))
             loss = loss + w["attend"] * attend
             logs.update({"train/loss": loss, "train/attend": attend, "train/attend_mass": mass})
+        if tap is not None and w["anchor"]:
+            require("anchor_masks" in batch, "train.loss.anchor > 0 needs training data whose items carry an "
+                    "'anchor_mask' (the shapes dataset); set train.loss.anchor=0 for other data")
+            anchor, mass = attend_loss(tap.anchor_records, target_cells(batch, self.model.grid_size, "anchor_masks"))
+            loss = loss + w["anchor"] * anchor
+            logs.update({"train/loss": loss, "train/anchor": anchor, "train/anchor_mass": mass})
         bs = len(batch["gt_masks"])
         self.log_dict(logs, prog_bar=True, batch_size=bs)
         return loss

@@ -99,7 +99,7 @@ class LisaProcessor:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
         sam = [sam_preprocess(it["image"], self.sam_size) for it in items]
-        return {
+        batch = {
             "idx": torch.tensor([int(it["idx"]) for it in items], dtype=torch.long),
             "clip_pixels": torch.stack([clip_preprocess(it["image"], self.clip_size) for it in items]),
             "sam_pixels": torch.stack([s[0] for s in sam]),
@@ -112,3 +112,6 @@ class LisaProcessor:
             "queries": [it["query"] for it in items],
             "query_kinds": [it.get("query_kind") for it in items],
         }
+        if all("anchor_mask" in it for it in items):  # shapes: relational queries' anchor (training aid)
+            batch["anchor_masks"] = [torch.from_numpy(np.asarray(it["anchor_mask"], dtype=np.uint8)) for it in items]
+        return batch
