@@ -317,14 +317,21 @@ def test_describe_trains_the_llm_side_only():
     assert grad("sam.") == 0 and grad("text_hidden_fcs.") == 0
 
 
-def test_more_training_data_than_the_split_holds_is_one_clear_error(tmp_path):
-    """Evaluation caps dataset.n at the split's size; training must not silently train on less."""
+@pytest.mark.parametrize(("override", "message"), [
+    # Evaluation caps dataset.n at the split's size; training must not silently train on less.
+    ("train.data.n=20001", "train.data.n=20001 is more than the train split holds (20000 items); lower it, "
+                           "or enlarge the split (shapes: train.data.split_sizes)"),
+    # Lightning would train, save the model, then fail on an empty validation result (IndexError).
+    ("+trainer.limit_val_batches=0", "trainer.limit_val_batches=0 turns validation off, but training reports "
+                                     "val gIoU/cIoU and keeps the best checkpoint by it; validate on fewer samples "
+                                     "with dataset.n=N instead"),
+])
+def test_bad_training_settings_are_one_clear_error(tmp_path, override, message):
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "cspexp.train", "train.data.n=20001", "logger=none",
+    proc = subprocess.run([sys.executable, "-m", "cspexp.train", override, "logger=none",
                            f"hydra.run.dir={run}"], cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-    assert lines[-1].endswith("train.data.n=20001 is more than the train split holds (20000 items); lower it, "
-                              "or enlarge the split (shapes: train.data.split_sizes)"), proc.stderr
-    assert not (run / "train_results.json").exists()
+    assert lines[-1].endswith(message), proc.stderr
+    assert not (run / "train_results.json").exists() and not (run / "model").exists()

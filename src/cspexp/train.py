@@ -71,6 +71,11 @@ def train(cfg: DictConfig) -> dict:
     require(asked is None or len(train_data) >= int(asked),
             f"train.data.n={asked} is more than the {cfg.train.data.get('split', 'train')} split holds "
             f"({len(train_data)} items); lower it, or enlarge the split (shapes: train.data.split_sizes)")
+    limit = cfg.trainer.get("limit_val_batches")
+    # The run reports val gIoU / cIoU and keeps the best checkpoint by it: refuse before anything is written.
+    require(limit is None or float(limit) > 0,
+            f"trainer.limit_val_batches={limit} turns validation off, but training reports val gIoU/cIoU and keeps "
+            "the best checkpoint by it; validate on fewer samples with dataset.n=N instead")
     val_data = build_dataset(cfg.dataset)
     loaded = build(cfg.model, words=vocabulary(train_data))
     if shape is None:
@@ -85,8 +90,10 @@ def train(cfg: DictConfig) -> dict:
                    target_modules=list(lora.target_modules), train_also=list(lora.train_also))
 
     collate = loaded.processor.collate
+    # Workers (train.num_workers > 0) are kept across epochs: respawning them costs seconds each time.
     train_loader = DataLoader(train_data, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate,
-                              num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+                              num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0,
+                              generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(val_data, batch_size=cfg.dataset.batch_size, shuffle=False, collate_fn=collate,
                             num_workers=cfg.dataset.num_workers)
     loggers = [CSVLogger(save_dir=str(out_dir), name="csv", version="", flush_logs_every_n_steps=cfg.trainer.log_every_n_steps)]
