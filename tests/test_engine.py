@@ -8,7 +8,7 @@ from transformers import LlamaModel
 
 from cspexp.models.factory import llm_config
 from cspexp.models.lisa import IMAGE, PAD, SYSTEM, TEXT, PromptEmbeds
-from cspexp.pruning.engine import DecoderLoop, TokenState, attention_mask
+from cspexp.pruning.engine import DecoderLoop, Observer, TokenState, attention_mask
 from cspexp.pruning.methods import NoPruning, PruningContext
 
 N_LAYERS = 8
@@ -100,3 +100,72 @@ def test_drop_and_insert_restore_position_order():
     assert torch.all(state.pos[:, 1:] > state.pos[:, :-1])  # still sorted by original position
     state.insert(dropped)
     assert torch.equal(state.pos, prompt.pos) and torch.equal(state.hidden, before)
+
+
+# --------------------------------------------------------------------------- observers
+class DropOddAtLayer3:
+    """A method written here: before layer 3 keep the even grid cells (16 → 8 image tokens)."""
+
+    needs_cls_attention = False
+
+    def setup(self, state, ctx):
+        pass
+
+    def before_layer(self, layer, state, ctx):
+        if layer == 3:
+            keep = torch.zeros(state.batch_size, state.n_image, dtype=torch.bool)
+            keep[:, ::2] = True
+            state.drop_image(keep)
+
+
+class Counter(Observer):
+    """Counts the tokens it sees before every layer, from the token kinds."""
+
+    def on_setup(self, state, ctx):
+        self.setups = getattr(self, "setups", 0) + 1
+        self.layers, self.image, self.tokens = [], [], []
+
+    def before_layer(self, layer, state, ctx):
+        self.layers.append(layer)
+        self.image.append((state.kind == IMAGE).sum(1).tolist())
+        self.tokens.append((state.kind != PAD).sum(1).tolist())
+
+    def after_run(self, state):
+        self.final = state.hidden.clone()
+
+
+class Meddler(Observer):
+    """Tries every way of changing the state an observer might reach for."""
+
+    def before_layer(self, layer, state, ctx):
+        self.refused = []
+        for attempt in (lambda: state.drop_image(torch.zeros(state.batch_size, state.n_image, dtype=torch.bool)),
+                        lambda: state.insert(None), lambda: state.keep_columns(None),
+                        lambda: setattr(state, "hidden", state.hidden * 0), lambda: setattr(state, "changed", True),
+                        lambda: state.extras.__setitem__("x", 1)):
+            try:
+                attempt()
+            except (AttributeError, TypeError):
+                self.refused.append(True)
+
+
+def test_observers_see_the_traced_counts_and_cannot_change_the_run():
+    """Before each layer an observer sees the tokens that layer runs on (the trace's counts, here
+    worked out by hand: 16 image tokens, 8 from layer 3); with observers the final states are
+    bit-identical to a run without, also when an observer tries to edit the state."""
+    model = tiny_llama("sdpa")
+    prompt, _ = prompt_batch([40, 33, 37])
+    counter, meddler = Counter(), Meddler()
+    with torch.no_grad():
+        plain = DecoderLoop(model).run(TokenState.from_prompt(prompt, N_LAYERS), DropOddAtLayer3(), ctx_for(model))
+        watched = DecoderLoop(model).run(TokenState.from_prompt(prompt, N_LAYERS), DropOddAtLayer3(), ctx_for(model),
+                                         observers=[meddler, counter])
+    expected_image = [[N_IMAGE] * 3] * 3 + [[N_IMAGE // 2] * 3] * 5
+    assert counter.setups == 1 and counter.layers == list(range(N_LAYERS))
+    assert counter.image == expected_image
+    assert counter.tokens == [[40, 33, 37]] * 3 + [[40 - 8, 33 - 8, 37 - 8]] * 5
+    assert watched.trace.image_per_layer.T.tolist() == counter.image
+    assert watched.trace.tokens_per_layer.T.tolist() == counter.tokens
+    assert meddler.refused == [True] * 6
+    assert torch.equal(watched.hidden, plain.hidden) and torch.equal(counter.final, plain.hidden)
+    assert torch.equal(watched.pos, plain.pos) and torch.equal(watched.kind, plain.kind)

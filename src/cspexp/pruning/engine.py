@@ -17,7 +17,9 @@ With nothing dropped the loop reproduces `LlamaModel.forward` (tested to 1e-5 in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -186,8 +188,53 @@ def attention_mask(state: TokenState, implementation: str) -> torch.Tensor | Non
     )
 
 
+class StateView:
+    """Read-only access to a `TokenState`, what observers get: every field and query passes through
+    (`hidden`, `pos`, `kind`, `grid`, `trace`, `n_image`, `image_columns()`, ...), `extras` as a
+    read-only mapping; the edits (`drop_image`, `insert`, `keep_columns`) and assignment raise.
+
+    The tensors are the state's own, not copies: an observer may compute from them with gradients
+    (training supervises attention rows), and must not edit them in place."""
+
+    __slots__ = ("_state",)
+    _EDITS = frozenset({"drop_image", "insert", "keep_columns"})
+
+    def __init__(self, state: TokenState) -> None:
+        object.__setattr__(self, "_state", state)
+
+    def __getattr__(self, name: str):
+        if name in StateView._EDITS:
+            raise AttributeError(f"an observer cannot call TokenState.{name}: observers read the token state, "
+                                 "only the pruning method changes it")
+        if name == "extras":
+            return MappingProxyType(self._state.extras)
+        return getattr(self._state, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"an observer cannot set TokenState.{name}: observers read the token state, "
+                             "only the pruning method changes it")
+
+
+class Observer:
+    """Watches the decoder loop without taking part in it: the loop calls `on_setup` after the
+    method's `setup`, `before_layer` after the method acted before a layer (the state is then the
+    layer's input, and the trace holds that layer's counts), and `after_run` after the final norm.
+    Each gets a `StateView`, so it cannot change which tokens run or what they hold.
+    Override what you need; the defaults do nothing."""
+
+    def on_setup(self, state: StateView, ctx) -> None:
+        pass
+
+    def before_layer(self, layer: int, state: StateView, ctx) -> None:
+        pass
+
+    def after_run(self, state: StateView) -> None:
+        pass
+
+
 class DecoderLoop:
-    """Runs a LlamaModel's decoder layers one by one, letting a pruning method act before each layer."""
+    """Runs a LlamaModel's decoder layers one by one, letting a pruning method act before each
+    layer and observers watch after it."""
 
     def __init__(self, llama_model) -> None:
         self.model = llama_model  # transformers LlamaModel: .layers, .norm, .rotary_emb
@@ -202,9 +249,13 @@ class DecoderLoop:
     def num_layers(self) -> int:
         return len(self.model.layers)
 
-    def run(self, state: TokenState, method, ctx) -> TokenState:
-        """Run every layer, then the final RMSNorm; `state.hidden` ends as the model's last hidden state."""
+    def run(self, state: TokenState, method, ctx, observers: Sequence[Observer] = ()) -> TokenState:
+        """Run every layer, then the final RMSNorm; `state.hidden` ends as the model's last hidden state.
+        `observers` (see `Observer`) are called after the method, in order."""
+        view = StateView(state)
         method.setup(state, ctx)
+        for observer in observers:
+            observer.on_setup(view, ctx)
         mask = position_embeddings = None
         for layer_idx, layer in enumerate(self.model.layers):
             method.before_layer(layer_idx, state, ctx)
@@ -214,6 +265,8 @@ class DecoderLoop:
                 state.changed = False
             state.trace.image_per_layer[:, layer_idx] = (state.kind == IMAGE).sum(1)
             state.trace.tokens_per_layer[:, layer_idx] = (state.kind != PAD).sum(1)
+            for observer in observers:
+                observer.before_layer(layer_idx, view, ctx)
             state.hidden = layer(
                 state.hidden,
                 attention_mask=mask,
@@ -221,4 +274,6 @@ class DecoderLoop:
                 position_embeddings=position_embeddings,
             )
         state.hidden = self.model.norm(state.hidden)
+        for observer in observers:
+            observer.after_run(view)
         return state

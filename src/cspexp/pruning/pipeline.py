@@ -8,12 +8,13 @@ original position whatever the method removed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from cspexp.models.lisa import LisaModel
-from cspexp.pruning.engine import DecoderLoop, TokenState, Trace
+from cspexp.pruning.engine import DecoderLoop, Observer, TokenState, Trace
 from cspexp.pruning.methods.base import PruningContext, PruningMethod
 from cspexp.utils.timing import NullStopwatch
 
@@ -28,20 +29,22 @@ class SegmentOutput:
     image_embeddings: torch.Tensor | None = None  # [B, C, h, w] SAM image embeddings (reused by training)
 
 
-def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None) -> tuple[TokenState, torch.Tensor]:
+def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None,
+            observers: Sequence[Observer] = ()) -> tuple[TokenState, torch.Tensor]:
     """Vision tower → splice → pruned decoder loop. Returns the final state and the query states [B, d].
 
-    `stopwatch` (optional) times the LLM prefill: the splice and the decoder loop."""
+    `stopwatch` (optional) times the LLM prefill: the splice and the decoder loop. `observers` watch
+    the decoder loop (see `cspexp.pruning.engine.Observer`)."""
     stopwatch = stopwatch or NullStopwatch()
     image_tokens, cls_attn = model.encode_image(batch["clip_pixels"], output_cls_attention=method.needs_cls_attention)
     with stopwatch.section("llm_prefill"):
-        state = _prefill(model, batch, method, image_tokens, cls_attn)
+        state = _prefill(model, batch, method, image_tokens, cls_attn, observers)
     cols = state.columns_of(state.query_pos)
     query_hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
     return state, query_hidden
 
 
-def _prefill(model, batch, method, image_tokens, cls_attn) -> TokenState:
+def _prefill(model, batch, method, image_tokens, cls_attn, observers) -> TokenState:
     prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
     loop = DecoderLoop(model.decoder)
     state = TokenState.from_prompt(prompt, loop.num_layers)
@@ -53,12 +56,14 @@ def _prefill(model, batch, method, image_tokens, cls_attn) -> TokenState:
         images=batch.get("images"),
         sample_ids=batch["idx"].tolist() if "idx" in batch else None,
     )
-    return loop.run(state, method, ctx)
+    return loop.run(state, method, ctx, observers)
 
 
-def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None) -> SegmentOutput:
-    """The whole pass for a collated batch (see `LisaProcessor.collate` for its keys)."""
-    state, query_hidden = run_llm(model, batch, method, stopwatch)
+def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None,
+            observers: Sequence[Observer] = ()) -> SegmentOutput:
+    """The whole pass for a collated batch (see `LisaProcessor.collate` for its keys); `observers`
+    watch the decoder loop (see `cspexp.pruning.engine.Observer`)."""
+    state, query_hidden = run_llm(model, batch, method, stopwatch, observers)
     seg_embeds = model.seg_embedding(query_hidden)
     image_embeddings = model.image_embeddings(batch["sam_pixels"])
     low_res = model.decode_masks(image_embeddings, seg_embeds)
