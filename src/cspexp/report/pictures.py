@@ -6,10 +6,10 @@ tokens — with the 16×16 token grid drawn over the image, dropped cells darken
 the N_c representatives of the clustering stage, the full grid of the scattering stage, and the
 tokens the [SEG] query kept for the pruning stage.
 
-The kept sets are recorded by wrapping the method (`KeptRecorder`): the decoder loop calls the
-wrapper, which lets the method act and then notes the grid cells of the image tokens entering each
-layer. Nothing in the engine changes, and the numbers of the run are not affected (this is an extra
-pass over a few samples after the evaluation).
+The kept sets are recorded by an observer of the decoder loop (`KeptRecorder`): after the method
+acted before each layer it notes the grid cells of the image tokens entering that layer. An observer
+cannot change the token state, and the numbers of the run are not affected (this is an extra pass
+over a few samples after the evaluation).
 """
 
 from __future__ import annotations
@@ -28,24 +28,21 @@ import torch  # noqa: E402
 
 from cspexp.metrics.seg_iou import intersection_and_union, sample_iou  # noqa: E402
 from cspexp.models.lisa import IMAGE  # noqa: E402
+from cspexp.pruning.engine import Observer  # noqa: E402
 from cspexp.pruning.pipeline import segment  # noqa: E402
 
 
-class KeptRecorder:
-    """Wraps a `PruningMethod`; `kept[l][i]` lists the grid cells of the image tokens of sample i
-    entering layer l (after the method acted before that layer)."""
+class KeptRecorder(Observer):
+    """`kept[l][i]` lists the grid cells of the image tokens of sample i entering layer l (after the
+    method acted before that layer)."""
 
-    def __init__(self, method) -> None:
-        self.method = method
-        self.name = method.name
-        self.needs_cls_attention = method.needs_cls_attention
+    def __init__(self) -> None:
         self.kept: list[list[list[int]]] = []
 
-    def setup(self, state, ctx) -> None:
-        self.method.setup(state, ctx)
+    def on_setup(self, state, ctx) -> None:
+        self.kept = []
 
     def before_layer(self, layer: int, state, ctx) -> None:
-        self.method.before_layer(layer, state, ctx)
         is_image = state.kind == IMAGE
         self.kept.append([sorted(state.grid[i][is_image[i]].tolist()) for i in range(state.batch_size)])
 
@@ -70,9 +67,9 @@ def record(loaded, method, items: list[dict]) -> tuple[list[torch.Tensor], KeptR
     model = loaded.model
     device = next(model.parameters()).device
     batch = _to_device(loaded.processor.collate(items), device)
-    recorder = KeptRecorder(method)
+    recorder = KeptRecorder()
     with torch.inference_mode():
-        out = segment(model, batch, recorder)
+        out = segment(model, batch, method, observers=[recorder])
     return [m.cpu() for m in out.masks], recorder
 
 
