@@ -88,7 +88,8 @@ def write_tiny_clip(path: Path, *, full: bool = True, seed: int = 1) -> CLIPVisi
 
 
 def lisa_config(*, vocab_size: int = VOCAB_SIZE) -> dict:
-    """config.json with the keys of LISA-7B-v1's (research/peers.md §1.6), at the toy sizes."""
+    """config.json with the keys of LISA-7B-v1's (xinlai/LISA-7B-v1 on the Hugging Face Hub), at the toy
+    sizes."""
     return {
         "_name_or_path": "ckpt/LISA-7B-v1", "architectures": ["LISAForCausalLM"], "model_type": "llava",
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu", "initializer_range": 0.02,

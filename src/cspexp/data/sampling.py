@@ -2,11 +2,12 @@
 
 Lightning's default test sampler under DDP is a padded `DistributedSampler`: when the number of
 samples is not a multiple of the number of processes it repeats some, so that every rank runs the
-same number of steps, and a repeated sample counts twice in gIoU and cIoU (framework.md L2). Here
-rank r of N reads the strided slice r, r + N, r + 2N, … (Lightning's `UnrepeatedDistributedSampler`):
-the slices are disjoint, cover the dataset, and differ in length by at most one sample. Uneven
-batch counts are safe because the evaluation loop never synchronises per step (L3); the trainer
-must keep the sampler (``use_distributed_sampler: false`` in conf/trainer/cpu.yaml).
+same number of steps, and a repeated sample counts twice in gIoU and cIoU (docs/pitfalls.md,
+"Lightning: the test sampler repeats samples"). Here rank r of N reads the strided slice r, r + N,
+r + 2N, … (Lightning's `UnrepeatedDistributedSampler`): the slices are disjoint, cover the dataset,
+and differ in length by at most one sample. Uneven batch counts are safe because the evaluation
+loop never synchronises per step (docs/pitfalls.md, "Lightning: collectives inside the test loop");
+the trainer must keep the sampler (``use_distributed_sampler: false`` in conf/trainer/cpu.yaml).
 """
 
 from __future__ import annotations

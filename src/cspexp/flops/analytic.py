@@ -1,4 +1,4 @@
-"""Analytic LLM prefill FLOPs from the per-layer token trace (DESIGN §6).
+"""Analytic LLM prefill FLOPs from the per-layer token trace (docs/method.md, "FLOPs accounting").
 
 Per decoder layer with n tokens (n_img of them image tokens), hidden d, key/value width d_kv
 (= d without grouped-query attention) and SwiGLU width m, in multiply-adds (MACs):

@@ -2,11 +2,11 @@
 
 fvcore traces the forward with ``torch.jit.trace`` and counts one fused multiply-add as one "flop";
 this module reports FLOPs (×2) to match the rest of cspexp. fvcore has no counter for
-``aten::scaled_dot_product_attention`` and silently counts it as 0 (research/framework.md F2), so a
-handle is registered for it here: QKᵀ plus A·V, Lq·Lk·(E + Ev) per head. The pruned LLM runs in the
-trace exactly as in evaluation (the shapes of *this* sample's schedule become constants), so the
-LLM row includes the projections of the method's scoring; its q·Kᵀ rows, computed outside any
-module, appear under "other".
+``aten::scaled_dot_product_attention`` and silently counts it as 0 (docs/pitfalls.md, "fvcore: SDPA
+counted as zero"), so a handle is registered for it here: QKᵀ plus A·V, Lq·Lk·(E + Ev) per head.
+The pruned LLM runs in the trace exactly as in evaluation (the shapes of *this* sample's schedule
+become constants), so the LLM row includes the projections of the method's scoring; its q·Kᵀ rows,
+computed outside any module, appear under "other".
 """
 
 from __future__ import annotations

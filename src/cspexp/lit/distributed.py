@@ -3,9 +3,9 @@
 Lightning's ``strategy=ddp`` re-runs the command line once per extra device, so every rank runs
 the whole of `evaluate`. The collectives here are called by *every* rank at the same point after
 ``trainer.test`` has returned — never per step, since ranks run different numbers of batches under
-the unrepeated sampler (framework.md L3). In a single process they are no-ops. Object collectives
-pickle through the process group's device: the current CUDA device under NCCL, which Lightning
-has set for each rank.
+the unrepeated sampler (docs/pitfalls.md, "Lightning: collectives inside the test loop"). In a single
+process they are no-ops. Object collectives pickle through the process group's device: the current
+CUDA device under NCCL, which Lightning has set for each rank.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def check_processes(trainer, n_samples: int) -> None:
     """Refuse, before any process is started, the multi-process setups that would go wrong.
 
     - inside a multirun: ``strategy=ddp`` re-runs ``sys.argv``, ``-m`` and sweeps included, so each
-      extra process would start a sweep of its own (framework.md L1);
+      extra process would start a sweep of its own (docs/pitfalls.md, "Lightning: ddp re-runs the
+      command line");
     - ``ddp_spawn`` / ``ddp_fork``: the test loop then runs in worker processes whose per-sample
       records never come back to the process that writes the results;
     - fewer samples than processes: a process would have nothing to evaluate (Lightning's unrepeated

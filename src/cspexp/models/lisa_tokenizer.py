@@ -6,7 +6,7 @@ LISA tokenized with transformers 4.31's slow `LlamaTokenizer` (``use_fast=False`
 first; later chunks lose their BOS) and the chunks are joined with ``IMAGE_TOKEN_INDEX = -200``.
 transformers 5 has only the fast Llama tokenizer, whose ids differ from those around added tokens
 and at chunk starts, so this module re-implements the slow tokenizer's rules on sentencepiece itself
-(research/peers.md §1.2):
+(docs/pitfalls.md, "transformers: no slow LLaMA tokenizer in version 5"):
 
 1. The text is split at the no-split tokens: every added token (``added_tokens.json``: ``<im_start>``,
    ``<im_end>``, ``[SEG]``, …) and every special token (``<s>``, ``</s>``, ``<unk>``, additional

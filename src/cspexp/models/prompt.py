@@ -1,9 +1,9 @@
 """LISA's evaluation prompt (llava_v1 template, teacher-forced answer ``[SEG].``).
 
 LISA's validation puts the answer in the prompt and runs one prefill; the [SEG] embedding is then read
-from the final hidden states (research/peers.md §1.7). The same text is used for every tokenizer; only
-the way it becomes ids differs (word-level for the tiny models, LISA's sentencepiece rules for real
-checkpoints).
+from the final hidden state of the token before ``[SEG]`` (LISA's one-token offset). The same text is
+used for every tokenizer; only the way it becomes ids differs (word-level for the tiny models, LISA's
+sentencepiece rules for real checkpoints).
 """
 
 from __future__ import annotations
