@@ -7,7 +7,8 @@ or safetensors, single or sharded with ``model.safetensors.index.json``) and the
 CLIP tower is not in it (LISA's merge script drops every ``vision_tower`` key): it is read from its own
 directory, a full CLIP checkpoint such as ``openai/clip-vit-large-patch14`` or a vision-only one.
 
-Key mapping, checkpoint → LisaModel (research/peers.md §1.6, §3.3):
+Key mapping, checkpoint → LisaModel (the names of LISA's released checkpoints; why two are dropped or
+changed: docs/pitfalls.md, "transformers: checkpoint names from transformers 4.31"):
 
     model.embed_tokens.* · model.layers.* · model.norm.*   → llm.model.*   (LLaMA names unchanged)
     lm_head.*                                              → llm.lm_head.*
