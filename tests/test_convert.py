@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cspexp.models.loaders import build_model
 from cspexp.convert import convert, main
 from cspexp.models.lisa_checkpoint import load_lisa
 from cspexp.outputs.files import read_jsonl
@@ -42,14 +43,14 @@ def test_converted_directory_loads_through_model_converted_with_identical_output
     assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no temporary directory left beside it
 
     original = load_lisa(path=str(tiny.path), vision_tower=str(tiny.clip_path), dtype="float32", progress=False)
-    converted = build(compose_cfg("model=converted", f"model.path={dst}").model, words=[])
+    converted = build_model(compose_cfg("model=converted", f"model.path={dst}").model, [])
     assert converted.name == "lisa"
     a_batch, b_batch = batch_for(original.processor), batch_for(converted.processor)
     assert torch.equal(a_batch["input_ids"], b_batch["input_ids"])  # the LISA tokenizer round-tripped
     assert converted.model.seg_token_id == original.model.seg_token_id and converted.model.image_token_id == -200
     with torch.no_grad():
-        a = segment(original.model, a_batch, NoPruning())
-        b = segment(converted.model, b_batch, NoPruning())
+        a = segment(original.model, a_batch, NoPruning().bind(original.model.num_layers, original.model.n_image_tokens))
+        b = segment(converted.model, b_batch, NoPruning().bind(converted.model.num_layers, converted.model.n_image_tokens))
     for x, y in zip(a.logits, b.logits):
         assert torch.equal(x, y)
     ref = original.model.state_dict()
@@ -68,9 +69,9 @@ def test_cli_writes_bfloat16_and_refuses_to_overwrite(tiny, tmp_path, compose_cf
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"BF16"}
     # model=converted keeps the stored dtype unless model.dtype says otherwise
-    loaded = build(compose_cfg("model=converted", f"model.path={dst}").model, words=[])
+    loaded = build_model(compose_cfg("model=converted", f"model.path={dst}").model, [])
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    loaded = build(compose_cfg("model=converted", f"model.path={dst}", "model.dtype=float32").model, words=[])
+    loaded = build_model(compose_cfg("model=converted", f"model.path={dst}", "model.dtype=float32").model, [])
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
 
     before = (dst / "model.safetensors").stat().st_mtime_ns

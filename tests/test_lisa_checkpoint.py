@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from cspexp.models.factory import model_shape
+from cspexp.models.loaders import model_shape
 from cspexp.models.lisa_checkpoint import load_lisa
 from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import segment
@@ -89,7 +89,7 @@ def test_runs_a_sample_end_to_end(tiny):
     batch = loaded.processor.collate(items)
     assert (batch["input_ids"] == -200).sum() == 1
     with torch.no_grad():
-        out = segment(loaded.model, batch, NoPruning())
+        out = segment(loaded.model, batch, NoPruning().bind(loaded.model.num_layers, loaded.model.n_image_tokens))
     assert out.logits[0].shape == (40, 50) and torch.isfinite(out.logits[0]).all()
 
 
@@ -204,7 +204,7 @@ def test_model_shape_reads_configs_without_weights(tiny, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(tiny.path / "config.json", bare / "config.json")  # no weights at all
-    assert model_shape({"path": str(bare), "vision_tower": str(tiny.clip_path)}) == (4, 16)
+    assert model_shape({"_target_": "cspexp.models.lisa_checkpoint.load_lisa", "path": str(bare), "vision_tower": str(tiny.clip_path)}) == (4, 16)
 
 
 def test_missing_and_foreign_paths(tiny, tmp_path):

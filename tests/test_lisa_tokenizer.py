@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from cspexp.models.loaders import build_model
 from cspexp.models import prompt as lisa_prompt
 from cspexp.models.lisa_tokenizer import IMAGE_TOKEN_INDEX, load_lisa_tokenizer
 from cspexp.models.processor import LisaProcessor
@@ -264,7 +265,7 @@ def test_corrupt_tokenizer_model(tmp_path):
 # ---------------------------------------------------------------------------------------------- processor
 def test_processor_collates_lisa_ids_with_right_padding():
     tok = load_lisa_tokenizer(FIXTURE / "v1")
-    proc = LisaProcessor(tokenizer=tok, clip_size=28, sam_size=32)
+    proc = LisaProcessor(tokenizer=tok, tokenizer_kind="lisa", clip_size=28, sam_size=32)
     assert (proc.image_token_id, proc.seg_token_id, proc.pad_token_id) == (-200, 703, 0)
     short, long = case("v1", 1), case("v1", 0)
     image = np.zeros((20, 30, 3), np.uint8)
@@ -332,7 +333,7 @@ def test_cli_reads_a_saved_word_level_model(tmp_path, capsys):
 
     from conftest import CONF_DIR
 
-    save_model(build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=["zebra"]), tmp_path)
+    save_model(build_model(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), ["zebra"]), tmp_path)
     main(["model=converted", f"model.path={tmp_path}", "query=the zebra circle", "sentence=true"])
     tokens = json.loads(capsys.readouterr().out)["tokens"]
     start = tokens.index("<im_end>") + 1

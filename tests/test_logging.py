@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from cspexp.cli import run_task
+from cspexp.utils.failures import run_task
 from cspexp.evaluate import evaluate
 from cspexp.utils.errors import ConfigError
 

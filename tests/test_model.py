@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cspexp.models.loaders import build_model
 from cspexp.models.lisa import IMAGE, PAD, SYSTEM, TEXT
 from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import run_llm, segment
@@ -20,7 +21,7 @@ WORDS = ["the red triangle", "the blue circle left of the green square", "which 
 @pytest.fixture(scope="module")
 def tiny():
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
-    return build(cfg, words=WORDS)
+    return build_model(cfg, WORDS)
 
 
 def items(n: int, sizes=((224, 224),)):
@@ -66,7 +67,7 @@ def test_query_state_equals_transformers_forward(tiny):
     model, proc = tiny.model, tiny.processor
     batch = proc.collate(items(3))
     with torch.no_grad():
-        _, query_hidden = run_llm(model, batch, NoPruning())
+        _, query_hidden = run_llm(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
         image_tokens, _ = model.encode_image(batch["clip_pixels"])
         prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
         mask = (prompt.kind != PAD).long()
@@ -80,7 +81,7 @@ def test_segment_returns_masks_at_original_size(tiny):
     model, proc = tiny.model, tiny.processor
     batch = proc.collate(items(2, sizes=((224, 224), (180, 300))))
     with torch.no_grad():
-        out = segment(model, batch, NoPruning())
+        out = segment(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
     assert [tuple(m.shape) for m in out.masks] == [(224, 224), (180, 300)]
     assert all(m.dtype == torch.bool for m in out.masks)
     assert out.seg_embeds.shape == (2, model.sam.config.prompt_encoder_config.hidden_size)
@@ -126,9 +127,9 @@ def test_image_position_adds_the_grid_code_to_the_projected_tokens():
     from cspexp.models.lisa import grid_sincos
 
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
-    plain = build(cfg, words=["red"]).model
+    plain = build_model(cfg, ["red"]).model
     cfg.image_position = "sincos"
-    coded = build(cfg, words=["red"]).model
+    coded = build_model(cfg, ["red"]).model
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, _ = plain.encode_image(pixels)
@@ -136,13 +137,13 @@ def test_image_position_adds_the_grid_code_to_the_projected_tokens():
     code = grid_sincos(16, 16, a.shape[-1])
     assert torch.allclose(b - a, code.expand_as(a), atol=1e-5)
     cfg.image_norm = "rms"  # each token scaled to unit RMS (by hand: a / rms(a)), then the code
-    normed = build(cfg, words=["red"]).model
+    normed = build_model(cfg, ["red"]).model
     with torch.no_grad():
         c, _ = normed.encode_image(pixels)
     assert torch.allclose(c - code, a / a.pow(2).mean(-1, keepdim=True).sqrt(), atol=1e-4)
     cfg.image_position = "learned"
     with pytest.raises(Exception, match="image_position='learned' is not allowed"):
-        build(cfg, words=["red"])
+        build_model(cfg, ["red"])
     cfg.image_position, cfg.image_norm = "sincos", "layer"
     with pytest.raises(Exception, match="image_norm='layer' is not allowed"):
-        build(cfg, words=["red"])
+        build_model(cfg, ["red"])

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from cspexp import aggregate
+from cspexp.models.loaders import build_model
 from cspexp.report.pareto import collect_dirs, pareto_front
 from cspexp.report.wandb_summary import COLUMNS, log_summary_run
 from cspexp.report.write import write_report
@@ -327,9 +328,8 @@ def test_token_pictures_record_each_stage(tmp_path):
         cfg = compose(config_name="eval", overrides=["model=tiny_random", "dataset.n=1"])
     GlobalHydra.instance().clear()
     dataset = build_dataset(cfg.dataset)
-    loaded = build(cfg.model, words=vocabulary(dataset))
-    method = ClusterScatterPrune(keep=0.1)
-    method.validate(loaded.model.num_layers, loaded.model.n_image_tokens)
+    loaded = build_model(cfg.model, vocabulary(dataset))
+    method = ClusterScatterPrune(keep=0.1).bind(loaded.model.num_layers, loaded.model.n_image_tokens)
 
     masks, recorder = record(loaded, method, [dataset[0]])
     runs = stages([layer[0] for layer in recorder.kept])

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from cspexp.models.loaders import build_model
 from cspexp.models.saved import load_saved, save_model
 from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import segment
@@ -21,7 +22,7 @@ from conftest import CONF_DIR
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=["the red triangle"])
+    loaded = build_model(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), ["the red triangle"])
     path = save_model(loaded, tmp_path_factory.mktemp("model"))
     return loaded, path
 
@@ -39,8 +40,8 @@ def test_round_trip_gives_the_same_masks(saved):
     assert reloaded.name == original.name
     batch = batch_for(original)
     with torch.no_grad():
-        a = segment(original.model, batch, NoPruning())
-        b = segment(reloaded.model, batch, NoPruning())
+        a = segment(original.model, batch, NoPruning().bind(original.model.num_layers, original.model.n_image_tokens))
+        b = segment(reloaded.model, batch, NoPruning().bind(reloaded.model.num_layers, reloaded.model.n_image_tokens))
     assert torch.allclose(a.logits[0], b.logits[0], atol=1e-5)
     assert original.processor.encode_prompt("the red triangle", False) == reloaded.processor.encode_prompt(
         "the red triangle", False
@@ -52,13 +53,13 @@ def test_round_trip_keeps_the_image_token_options(tmp_path):
     architecture: the reloaded model gives the same image tokens, so the same masks."""
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
     cfg.image_position, cfg.image_norm = "sincos", "rms"
-    original = build(cfg, words=["the red triangle"])
+    original = build_model(cfg, ["the red triangle"])
     reloaded = load_saved(path=str(save_model(original, tmp_path / "m")))
     assert (reloaded.model.image_position, reloaded.model.image_norm) == ("sincos", "rms")
     batch = batch_for(original)
     with torch.no_grad():
-        a = segment(original.model, batch, NoPruning())
-        b = segment(reloaded.model, batch, NoPruning())
+        a = segment(original.model, batch, NoPruning().bind(original.model.num_layers, original.model.n_image_tokens))
+        b = segment(reloaded.model, batch, NoPruning().bind(reloaded.model.num_layers, reloaded.model.n_image_tokens))
     assert torch.allclose(a.logits[0], b.logits[0], atol=1e-5)
 
 

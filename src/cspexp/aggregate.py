@@ -6,7 +6,8 @@
 
 From directories it reads every job (results.json, error.json) found under the paths — offline,
 and the same files the multirun callback writes. From W&B it reads the sweep's runs through
-`wandb.Api` (their summary: giou, ciou, flops_image, method, keep, written by every cspexp run).
+`wandb.Api` (their summary, the flat view of results.json that every cspexp run writes:
+`cspexp.outputs.results.SUMMARY_FIELDS`).
 Writes pareto.csv, pareto.json, pareto.png and report.md into ``--out``; ``--log-wandb`` also logs
 the summary run (``job_type=pareto``). Bad input ends in one line on stderr and exit status 2.
 """
@@ -18,7 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from cspexp.report.pareto import DENSE, Failure, ParetoReport, Point, collect_dirs, finish
+from cspexp.outputs.results import results_from_summary
+from cspexp.report.pareto import Failure, ParetoReport, Point, collect_dirs, finish, point_from_results
 from cspexp.utils.errors import CspexpError
 
 log = logging.getLogger("cspexp.aggregate")
@@ -35,10 +37,8 @@ def _get(mapping, key, default=None):
     return default if value is None else value
 
 
-def _method_of(summary, config) -> str:
-    method = _get(summary, "method")
-    if method:
-        return str(method)
+def _method_of(config) -> str:
+    """The method of a run whose summary does not name it (runs of older cspexp versions)."""
     target = str(_get(_get(config, "prune", {}) or {}, "_target_", ""))
     names = {"NoPruning": "none", "ClusterScatterPrune": "csp", "FastV": "fastv", "PyramidDrop": "pdrop",
              "VisualTokenWithdrawal": "vtw", "RandomDrop": "random", "UniformDrop": "uniform"}
@@ -47,7 +47,8 @@ def _method_of(summary, config) -> str:
 
 def _sweep_overrides(config) -> list[str]:
     """The swept parameters of a W&B sweep run: W&B stores them as top-level dotted keys next to the
-    nested config (framework.md W7), which is what we want to show for a failed run."""
+    nested config (docs/pitfalls.md, "W&B: sweep parameters as dotted keys"), which is what we want
+    to show for a failed run."""
     out = []
     for key in sorted(config.keys() if hasattr(config, "keys") else []):
         value = config[key]
@@ -57,32 +58,22 @@ def _sweep_overrides(config) -> list[str]:
 
 
 def point_from_wandb_run(run, where: str) -> Point | Failure:
+    """A W&B run as a report point: its summary (`cspexp.outputs.results.SUMMARY_FIELDS`) read back
+    into the results.json layout, then read like a run directory's results.json."""
     summary, config = run.summary, dict(run.config or {})
     name = getattr(run, "url", None) or f"{where}/{run.id}"
     state = str(getattr(run, "state", "finished"))
-    giou, flops = _get(summary, "giou"), _get(summary, "flops_image")
+    results = results_from_summary(summary)
     if state in FAILED_STATES:
         return Failure(name, _sweep_overrides(config), state, f"W&B run {getattr(run, 'name', run.id)} {state}")
-    if state != "finished" or giou is None or flops is None:
+    if state != "finished" or "giou" not in results.get("metrics", {}) or "image" not in results.get("flops", {}):
         return Failure(name, _sweep_overrides(config), "incomplete",
                        f"W&B run {getattr(run, 'name', run.id)} is {state} and has no giou/flops_image in its summary")
-    prune = {k: v for k, v in (_get(config, "prune", {}) or {}).items() if k != "_target_"}
-    method = _method_of(summary, config)
-    keep = _get(summary, "keep", prune.get("keep"))
-    return Point(
-        method=method,
-        keep=None if method == DENSE else keep,
-        run_dir=name,
-        flops_image=float(flops),
-        giou=float(giou),
-        ciou=_get(summary, "ciou"),
-        flops_image_dense=_get(summary, "flops_image_dense"),
-        reduction_image=_get(summary, "reduction_image"),
-        n_samples=_get(summary, "n_samples"),
-        model=_get(_get(config, "model", {}) or {}, "name"),
-        config_hash=_get(summary, "config_hash"),
-        prune=prune,
-    )
+    configured = {k: v for k, v in (_get(config, "prune", {}) or {}).items() if k != "_target_"}
+    results["prune"] = {**configured, **results.get("prune", {})}
+    results.setdefault("method", _method_of(config))
+    results.setdefault("model", _get(_get(config, "model", {}) or {}, "name"))
+    return point_from_results(results, name)
 
 
 def parse_sweep_path(path: str) -> tuple[str, str, str]:

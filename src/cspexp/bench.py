@@ -22,19 +22,23 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cspexp.cli import CONF_DIR, run_task
 from cspexp.flops.analytic import LlmDims, sample_flops
-from cspexp.models.factory import llm_config, resolve_dtype
+from cspexp.models.base import ModelShape, resolve_dtype
+from cspexp.models.factory import llm_config
 from cspexp.models.lisa import IMAGE, SYSTEM, TEXT, PromptEmbeds
 from cspexp.outputs.files import write_json_atomic, write_text_atomic
 from cspexp.outputs.results import git_info, versions
 from cspexp.pruning.engine import DecoderLoop, TokenState
 from cspexp.pruning.methods import NoPruning, PruningContext
+from cspexp.run import bind_method
+from cspexp.utils.conf_dir import conf_dir
 from cspexp.utils.errors import ConfigError, CspexpError
+from cspexp.utils.failures import run_task
 from cspexp.utils.instantiate import build
 from cspexp.utils.timing import Stopwatch
 
 log = logging.getLogger("cspexp.bench")
+CONF_DIR = conf_dir()
 
 DENSE = "dense (ours)"
 HF = "dense (transformers)"
@@ -100,13 +104,12 @@ def run_bench(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rows, cols = shape.grid
     n_image = rows * cols
-    variants = {DENSE: NoPruning()}
-    for label, mcfg in cfg.methods.items():
-        variants[label] = build(mcfg)
-    for m in variants.values():
-        if getattr(m, "select", None) in ("cls_attn", "seg_first"):
-            raise ConfigError(f"prune.cluster.select={m.select} needs images; the benchmark feeds embeddings only")
-        m.validate(shape.num_hidden_layers, n_image)
+    specs = {DENSE: NoPruning(), **{label: build(mcfg) for label, mcfg in cfg.methods.items()}}
+    variants = {}
+    for label, spec in specs.items():
+        if getattr(spec, "select", None) in ("cls_attn", "seg_first"):
+            raise ConfigError(f"prune.cluster.select={spec.select} needs images; the benchmark feeds embeddings only")
+        variants[label] = bind_method(spec, ModelShape(shape.num_hidden_layers, n_image))
 
     model = build_llm(shape, dtype, cfg.device, cfg.attn_implementation)
     prompt = lisa_layout(shape, cfg.batch_size, dtype, cfg.device, cfg.seed)

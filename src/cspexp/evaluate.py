@@ -1,9 +1,11 @@
 """`evaluate(cfg)`: one Pareto point — build, run, measure, write. The CLI, tests and sweeps call it.
 
-Order matters for fast failure: the pruning method is built and validated against the model's
-shape *before* the model loads, so a bad schedule costs a second, not a checkpoint load.
-Outputs are written only after everything succeeded, `results.json` last: its existence means the
-run is complete (a resumed sweep relies on that).
+`evaluate` is the list of steps; each step is one function here or one module elsewhere:
+resume (`finished_results`) → build (`cspexp.run.build_run`: method, data, model, fastest failure
+first) → test (`run_test_loop`, the Lightning loop of `cspexp.lit.eval_module`, which returns the
+per-sample records once) → the dense reference on the same samples (`wants_dense`) → results
+(`cspexp.outputs.results.build_results`) → pictures → files (`samples.jsonl`, then `results.json`
+last: its existence means the run is complete, which a resumed sweep relies on) → the logger.
 """
 
 from __future__ import annotations
@@ -13,37 +15,19 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cspexp.data import build_dataset, vocabulary
 from cspexp.data.files import skipped_summary
 from cspexp.data.sampling import EvalData
-from cspexp.flops.analytic import LlmDims, sample_flops
-from cspexp.flops.analytic import summarize as summarize_flops
 from cspexp.lit.distributed import check_processes, process_rank, share_from_rank_zero
-from cspexp.lit.eval_module import EvalModule
-from cspexp.models.factory import model_shape
+from cspexp.lit.eval_module import EvalModule, EvalOutcome
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from cspexp.outputs.results import build_results, config_hash
-from cspexp.utils.errors import ConfigError
+from cspexp.outputs.results import build_results, config_hash, measure, summary_of
+from cspexp.run import Run, build_logger, build_run, require_values
 from cspexp.utils.hydra_mode import in_multirun
 from cspexp.utils.instantiate import build
 
 log = logging.getLogger(__name__)
-
-
-def build_logger(cfg: DictConfig):
-    """The Lightning logger of `cfg.logger`, or None for ``logger=none``.
-
-    In a multirun a logger with an unset ``group`` (W&B) is grouped by sweep: the sweep dir's name,
-    the group the sweep's Pareto summary run joins too (`cspexp.report.callback.sweep_group`)."""
-    if not cfg.get("logger") or "_target_" not in cfg.logger:
-        return None
-    extra = {}
-    if "group" in cfg.logger and cfg.logger.group is None and in_multirun():
-        extra["group"] = Path(str(HydraConfig.get().sweep.dir)).name
-    return build(cfg.logger, **extra)
 
 
 def finished_results(out_dir: Path, cfg: DictConfig) -> dict | None:
@@ -57,23 +41,6 @@ def finished_results(out_dir: Path, cfg: DictConfig) -> dict | None:
     except (OSError, ValueError):
         return None  # unreadable: run again
     return previous if previous.get("config_hash") == config_hash(cfg) else None
-
-
-def require_values(cfg: DictConfig) -> None:
-    """Mandatory keys (``???``) must be set; say which, in one line."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
-
-
-def account_flops(records: list[dict], dims: LlmDims, n_image: int) -> dict:
-    """Fill each record's FLOPs from its token trace; return the means and reductions."""
-    per_sample = []
-    for r in records:
-        f = sample_flops(r["tokens_per_layer"], r["image_per_layer"], n_image, dims, r["overhead_events"])
-        r["flops_llm"], r["flops_image"], r["flops_overhead"] = f["llm"], f["image"], f["overhead"]
-        per_sample.append(f)
-    return summarize_flops(per_sample)
 
 
 def report_breakdown(loaded, method, batch: dict, out_dir: Path) -> dict:
@@ -104,44 +71,12 @@ def wants_dense(cfg: DictConfig, method) -> bool:
     return bool(setting)
 
 
-def dense_reference(cfg: DictConfig, loaded, data: EvalData, dims: LlmDims) -> dict | None:
-    """The dense model on the same samples: the reference row of the summary table. Under
-    ``trainer=ddp`` it is a second distributed test on every rank; the row is returned on rank 0,
-    None on the others."""
-    from cspexp.pruning.methods import NoPruning
-
-    module = EvalModule(loaded, NoPruning(), build(cfg.metrics), warmup=cfg.latency.warmup)
-    trainer = build(cfg.trainer, logger=False, enable_progress_bar=False)
+def run_test_loop(cfg: DictConfig, run: Run, method, data: EvalData, trainer) -> EvalOutcome | None:
+    """One Lightning test loop of `method` over `data`. Under ``trainer=ddp`` every rank runs its
+    slice; the merged outcome is returned on rank 0, None on the others."""
+    module = EvalModule(run.loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup)
     trainer.test(module, datamodule=data, verbose=False)
-    outcome = module.collect(trainer.strategy.root_device)
-    if outcome is None:
-        return None
-    records = outcome.records
-    flops = account_flops(records, dims, loaded.model.n_image_tokens)
-    per_layer = [sum(r["image_per_layer"][l] for r in records) / len(records) for l in range(dims.num_layers)]
-    return {
-        "metrics": outcome.metrics,
-        "flops": flops,
-        "avg_image_per_layer": sum(per_layer) / len(per_layer),
-        "latency_ms": mean_latency(records),
-    }
-
-
-def mean_latency(records: list[dict]) -> dict:
-    keys = ("llm_prefill", "end_to_end")
-    if not records:
-        return dict.fromkeys(keys)
-    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in keys}
-
-
-def objective(cfg: DictConfig, results: dict) -> float:
-    """One number for W&B's Bayesian sweeps, which optimise a single top-level metric: gIoU minus
-    ``objective.penalty`` per unit of image-token FLOPs reduction short of
-    ``objective.target_reduction`` (0, the default, leaves plain gIoU)."""
-    spec = cfg.get("objective") or {}
-    target, penalty = float(spec.get("target_reduction", 0.0)), float(spec.get("penalty", 0.0))
-    reduction = results["flops"].get("reduction_image") or 0.0
-    return results["metrics"]["giou"] - penalty * max(0.0, target - reduction)
+    return module.collect(trainer.strategy.root_device)
 
 
 def draw_pictures(loaded, method, dataset, n: int, out_dir: Path, logger) -> list[Path]:
@@ -181,77 +116,61 @@ def evaluate(cfg: DictConfig) -> dict:
             (out_dir / name).unlink(missing_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    method = build(cfg.prune)
-    shape = model_shape(cfg.model)
-    if shape is not None:
-        method.validate(*shape)
-    dataset = build_dataset(cfg.dataset)
-    loaded = build(cfg.model, words=vocabulary(dataset))
-    if shape is None:
-        method.validate(loaded.model.num_layers, loaded.model.n_image_tokens)
-
-    data = EvalData(dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, loaded.processor.collate)
-    # One W&B run (or CSV log) per evaluation: rank 0's (framework.md W6).
+    run = build_run(cfg)
+    data = EvalData(run.dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, run.loaded.processor.collate)
+    # One W&B run (or CSV log) per evaluation: rank 0's (docs/pitfalls.md, "W&B: one run per evaluation").
     logger = build_logger(cfg) if main_process else None
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build(cfg.trainer, logger=logger if logger is not None else False)
-    check_processes(trainer, len(dataset))
+    check_processes(trainer, len(run.dataset))
     if cfg.flops.report and main_process:
         # Before the test, hence before trainer=ddp starts its other processes: nobody waits on it.
-        report_breakdown(loaded, method, data.first_batch(), out_dir)
-    module = EvalModule(loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup)
-    trainer.test(module, datamodule=data, verbose=False)
-    outcome = module.collect(trainer.strategy.root_device)  # every rank; the merged records on rank 0
-
-    dims = LlmDims.from_config(loaded.model.llm.config)
-    dense = dense_reference(cfg, loaded, data, dims) if wants_dense(cfg, method) else None
+        report_breakdown(run.loaded, run.method, data.first_batch(), out_dir)
+    outcome = run_test_loop(cfg, run, run.method, data, trainer)
+    dense = dense_reference(cfg, run, data)
     if not main_process:
         return share_from_rank_zero(None)  # this process is done: rank 0 writes the outputs
-    records = outcome.records
-    flops = account_flops(records, dims, loaded.model.n_image_tokens)
+
     results = build_results(
-        cfg=cfg,
-        method_info=method.describe(),
-        model_name=loaded.name,
-        model_dims=loaded.dims(),
-        metrics=outcome.metrics,
-        records=records,
-        flops=flops,
-        latency_ms=mean_latency(records),  # each sample timed on the process that ran it
-        memory_mb=outcome.memory_mb,
+        cfg=cfg, method_info=run.method.describe(), model_name=run.loaded.name, model_dims=run.loaded.dims(),
+        outcome=outcome, metric_factory=lambda: build(cfg.metrics), dense=dense,
+        skipped=skipped_summary(run.dataset),
     )
-    results["dense"] = dense
-    # Samples dataset.on_error=skip left out: n_samples counts only what was evaluated.
-    results["skipped"] = skipped_summary(dataset)
-    results["distributed"] = {
-        "world_size": len(outcome.samples_per_rank),
-        "samples_per_rank": outcome.samples_per_rank,
-        "memory_mb_per_rank": outcome.memory_mb_per_rank,
-    }
     results = share_from_rank_zero(results)
     n_viz = int((cfg.get("viz") or {}).get("n_samples", 0) or 0)
     if n_viz > 0:
-        draw_pictures(loaded, method, dataset, n_viz, out_dir, logger)
-    write_jsonl_atomic(out_dir / "samples.jsonl", records)
+        draw_pictures(run.loaded, run.method, run.dataset, n_viz, out_dir, logger)
+    write_jsonl_atomic(out_dir / "samples.jsonl", outcome.records)
     write_json_atomic(out_dir / "results.json", results)
     for stale in (out_dir / "error.json", *out_dir.glob("error_rank*.json")):  # an earlier failed attempt's
         stale.unlink(missing_ok=True)
     if logger is not None:
-        # Logged here, not in the test loop: only now are the metrics reduced over all processes.
-        logger.log_metrics({f"test/{k}": v for k, v in results["metrics"].items()})
-        logger.save()
-        summary = {"giou": results["metrics"]["giou"], "ciou": results["metrics"]["ciou"], "n_samples": len(records),
-                   "avg_image_tokens_per_layer": results["tokens"]["avg_image_per_layer"],
-                   "flops_image": flops["image"], "flops_llm": flops["llm"],
-                   "reduction_image": flops["reduction_image"], "reduction_llm": flops["reduction_llm"],
-                   "latency_ms": results["latency_ms"]["end_to_end"], "memory_mb": results["memory_mb"],
-                   # for `python -m cspexp.aggregate --wandb` and W&B's sweep charts
-                   "method": results["method"], "keep": results["prune"].get("keep"),
-                   "flops_image_dense": flops["image_dense"], "config_hash": results["config_hash"],
-                   "objective": objective(cfg, results)}
-        run_summary = getattr(logger.experiment, "summary", None)  # a W&B run's; the CSV logger has none
-        if run_summary is not None:
-            run_summary.update(summary)
+        log_results(logger, results)
     log.info("results written to %s", out_dir / "results.json")
     return results
+
+
+def dense_reference(cfg: DictConfig, run: Run, data: EvalData) -> dict | None:
+    """The dense model on the same samples (`wants_dense`): the reference row of the summary table,
+    measured like the run itself. Under ``trainer=ddp`` it is a second distributed test on every
+    rank; the measurement is returned on rank 0, None elsewhere (and None when not wanted)."""
+    from cspexp.pruning.methods import NoPruning
+
+    if not wants_dense(cfg, run.method):
+        return None
+    trainer = build(cfg.trainer, logger=False, enable_progress_bar=False)
+    outcome = run_test_loop(cfg, run, NoPruning().bind(*run.loaded.shape), data, trainer)
+    if outcome is None:
+        return None
+    return measure(outcome.records, outcome.metrics, run.loaded.model.num_layers)
+
+
+def log_results(logger, results: dict) -> None:
+    """The metrics to the logger and, for W&B, the run summary (`cspexp.outputs.results.SUMMARY_FIELDS`).
+    Logged here, not in the test loop: only now are the metrics reduced over all processes."""
+    logger.log_metrics({f"test/{k}": v for k, v in results["metrics"].items()})
+    logger.save()
+    run_summary = getattr(logger.experiment, "summary", None)  # a W&B run's; the CSV logger has none
+    if run_summary is not None:
+        run_summary.update(summary_of(results))

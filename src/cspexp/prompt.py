@@ -26,8 +26,9 @@ from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError
 USAGE = __doc__.split("\n\n")[1].strip()
 
 
-def load_prompt_tokenizer(cfg: DictConfig):
-    """The tokenizer an evaluation run with this model (and dataset) config would use."""
+def load_prompt_tokenizer(cfg: DictConfig) -> tuple[object, str]:
+    """The tokenizer an evaluation run with this model (and dataset) config would use, and its kind
+    (`cspexp.models.processor.TokenizerKind`)."""
     from cspexp.models.lisa_tokenizer import load_lisa_tokenizer
 
     if OmegaConf.is_missing(cfg.model, "path"):
@@ -42,14 +43,14 @@ def load_prompt_tokenizer(cfg: DictConfig):
         if kind == "word_level":
             from cspexp.models.tokenizer import load_word_tokenizer
 
-            return load_word_tokenizer(directory / "tokenizer.json")
+            return load_word_tokenizer(directory / "tokenizer.json"), "word_level"
         if kind is not None and (directory / "tokenizer").is_dir():
-            return load_lisa_tokenizer(directory / "tokenizer")  # a converted LISA model (cspexp.models.saved)
-        return load_lisa_tokenizer(directory)  # an original LISA checkpoint
+            return load_lisa_tokenizer(directory / "tokenizer"), "lisa"  # a converted LISA model (cspexp.models.saved)
+        return load_lisa_tokenizer(directory), "lisa"  # an original LISA checkpoint
     from cspexp.data import build_dataset, vocabulary
     from cspexp.models.tokenizer import build_word_tokenizer
 
-    return build_word_tokenizer(vocabulary(build_dataset(cfg.dataset)))
+    return build_word_tokenizer(vocabulary(build_dataset(cfg.dataset))), "word_level"
 
 
 def _cspexp_tokenizer_kind(directory: Path) -> str | None:
@@ -77,8 +78,8 @@ def prompt_report(cfg: DictConfig, query: str) -> dict:
     from cspexp.models.processor import encode_lisa_prompt
 
     is_sentence, answer = _flag(cfg, "sentence"), _flag(cfg, "answer")
-    tokenizer = load_prompt_tokenizer(cfg)
-    ids = encode_lisa_prompt(tokenizer, query, is_sentence, answer=answer)
+    tokenizer, kind = load_prompt_tokenizer(cfg)
+    ids = encode_lisa_prompt(tokenizer, kind, query, is_sentence, answer=answer)
     return {
         "prompt": lisa_prompt.lisa_prompt(query, is_sentence, answer=lisa_prompt.ANSWER if answer else None),
         "input_ids": ids,
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from cspexp.cli import CONF_DIR, fail
+    from cspexp.utils.conf_dir import conf_dir
+    from cspexp.utils.failures import fail
     from cspexp.utils.preflight import preflight
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -113,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     query, overrides = split_query(argv)
     if query is None or not query.strip():
         fail('query="…" is required, e.g. python -m cspexp.prompt model=tiny_random query="the red circle"')
-    preflight(CONF_DIR, "prompt", overrides)
+    preflight(conf_dir(), "prompt", overrides)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="prompt", overrides=overrides)
     GlobalHydra.instance().clear()
     try:

@@ -24,18 +24,18 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cspexp.cli import CONF_DIR, run_task
-from cspexp.data import build_dataset, vocabulary
-from cspexp.evaluate import build_logger, require_values
 from cspexp.lit.train_module import TrainModule
-from cspexp.models.factory import model_shape
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import read_config, save_model
 from cspexp.outputs.files import write_json_atomic
+from cspexp.run import build_logger, build_run
+from cspexp.utils.conf_dir import conf_dir
 from cspexp.utils.errors import ConfigError, MissingPathError, require
+from cspexp.utils.failures import run_task
 from cspexp.utils.instantiate import build
 
 log = logging.getLogger("cspexp.train")
+CONF_DIR = conf_dir()
 
 
 def load_initial_weights(model, path: str) -> None:
@@ -59,27 +59,24 @@ def load_initial_weights(model, path: str) -> None:
 
 def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
-    require_values(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    method = build(cfg.prune)
-    shape = model_shape(cfg.model)
-    if shape is not None:
-        method.validate(*shape)
-    train_data = build_dataset(cfg.train.data)
-    asked = cfg.train.data.get("n")
-    # Evaluation reads dataset.n as "at most n"; for training a silently smaller set is a wrong recipe.
-    require(asked is None or len(train_data) >= int(asked),
-            f"train.data.n={asked} is more than the {cfg.train.data.get('split', 'train')} split holds "
-            f"({len(train_data)} items); lower it, or enlarge the split (shapes: train.data.split_sizes)")
-    limit = cfg.trainer.get("limit_val_batches")
-    # The run reports val gIoU / cIoU and keeps the best checkpoint by it: refuse before anything is written.
-    require(limit is None or float(limit) > 0,
-            f"trainer.limit_val_batches={limit} turns validation off, but training reports val gIoU/cIoU and keeps "
-            "the best checkpoint by it; validate on fewer samples with dataset.n=N instead")
-    val_data = build_dataset(cfg.dataset)
-    loaded = build(cfg.model, words=vocabulary(train_data))
-    if shape is None:
-        method.validate(loaded.model.num_layers, loaded.model.n_image_tokens)
+
+    def check_data(datasets: dict) -> None:
+        asked = cfg.train.data.get("n")
+        # Evaluation reads dataset.n as "at most n"; for training a silently smaller set is a wrong recipe.
+        require(asked is None or len(datasets["train"]) >= int(asked),
+                f"train.data.n={asked} is more than the {cfg.train.data.get('split', 'train')} split holds "
+                f"({len(datasets['train'])} items); lower it, or enlarge the split (shapes: train.data.split_sizes)")
+        limit = cfg.trainer.get("limit_val_batches")
+        # The run reports val gIoU / cIoU and keeps the best checkpoint by it: refuse before anything is written.
+        require(limit is None or float(limit) > 0,
+                f"trainer.limit_val_batches={limit} turns validation off, but training reports val gIoU/cIoU and keeps "
+                "the best checkpoint by it; validate on fewer samples with dataset.n=N instead")
+
+    run = build_run(cfg, datasets={"train": cfg.train.data, "val": cfg.dataset}, vocabulary_from="train",
+                    check_data=check_data)
+    method, loaded = run.method, run.loaded
+    train_data, val_data = run.datasets["train"], run.datasets["val"]
     if cfg.train.resume and not Path(cfg.train.resume).is_file():
         raise MissingPathError(f"train.resume={cfg.train.resume!r} does not exist")
     if cfg.train.init_from:
@@ -105,11 +102,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="best-{step}", monitor="val/giou",
                                  mode="max", save_top_k=1, save_last=True)
     trainer = build(cfg.trainer, logger=loggers, callbacks=[checkpoint, LearningRateMonitor("step")])
-    module = TrainModule(loaded, method, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                         warmup_steps=cfg.train.warmup_steps, loss_weights=dict(cfg.train.loss),
-                         text_only_steps=cfg.train.text_only_steps, attend_layers=list(cfg.train.attend.layers),
-                         attend_head=cfg.train.attend.head, anchor_layers=list(cfg.train.attend.anchor.layers),
-                         anchor_head=cfg.train.attend.anchor.head)
+    module = TrainModule.from_config(loaded.model, method, cfg.train)
     loaded.model.train()  # builders return eval mode; Lightning keeps the mode it finds
     started = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.train.resume)

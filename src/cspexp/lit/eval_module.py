@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
+from cspexp.flops.analytic import LlmDims, sample_flops
 from cspexp.lit.distributed import gather_to_rank_zero
 from cspexp.metrics.seg_iou import SegIoU, intersection_and_union, sample_iou
-from cspexp.models.factory import LoadedModel
+from cspexp.models.base import LoadedModel
 from cspexp.pruning.methods.base import PruningMethod
 from cspexp.pruning.pipeline import segment
 from cspexp.utils.timing import Stopwatch, peak_memory_mb, reset_peak_memory
@@ -39,15 +40,16 @@ class EvalOutcome:
 class EvalModule(L.LightningModule):
     """Runs `segment` with a pruning method, accumulates LISA's metrics and keeps one record per sample.
 
-    The records (keyed by the dataset's ``idx``) are the ground truth of the run: `results.json`'s
-    metrics can be recomputed from them, and under multi-process evaluation they are merged by idx
-    (`collect`).
+    The records (keyed by the dataset's ``idx``, the rows of samples.jsonl) are complete when they
+    are made — counts, token trace, the sample's FLOPs, latency — and never changed afterwards;
+    under multi-process evaluation they are merged by idx (`collect`).
     """
 
     def __init__(self, loaded: LoadedModel, method: PruningMethod, metric: SegIoU | None = None,
                  warmup: int = 1) -> None:
         super().__init__()
         self.model = loaded.model
+        self.dims = LlmDims.from_config(loaded.model.llm.config)
         self.method = method
         self.metric = metric if metric is not None else SegIoU()
         self.warmup = warmup
@@ -56,7 +58,7 @@ class EvalModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         # Fresh states every epoch: under ddp_spawn on CPU the pickled states are shared otherwise
-        # (research/framework.md, pitfall L4).
+        # (docs/pitfalls.md, "Lightning: metric states shared under ddp_spawn").
         self.metric.reset()
         self.records = []
         self._warm = False
@@ -78,6 +80,9 @@ class EvalModule(L.LightningModule):
         self.metric.update_counts(counts)  # the same numbers the per-sample records keep
         trace = out.trace
         for i, (inter, union) in enumerate(counts):
+            image_per_layer, tokens_per_layer = trace.image_per_layer[i].tolist(), trace.tokens_per_layer[i].tolist()
+            overhead = trace.sample_overhead(i)
+            flops = sample_flops(tokens_per_layer, image_per_layer, self.model.n_image_tokens, self.dims, overhead)
             self.records.append(
                 {
                     "idx": int(batch["idx"][i]),
@@ -85,10 +90,11 @@ class EvalModule(L.LightningModule):
                     "intersection": inter,
                     "union": union,
                     "iou": sample_iou(inter, union),
-                    "image_per_layer": trace.image_per_layer[i].tolist(),
-                    "tokens_per_layer": trace.tokens_per_layer[i].tolist(),
-                    "overhead_events": trace.sample_overhead(i),
+                    "image_per_layer": image_per_layer,
+                    "tokens_per_layer": tokens_per_layer,
+                    "overhead_events": overhead,
                     "latency_ms": {"llm_prefill": per_sample["llm_prefill"], "end_to_end": per_sample["end_to_end"]},
+                    **{f"flops_{k}": v for k, v in flops.items()},  # llm, llm_dense, image, image_dense, overhead
                 }
             )
 

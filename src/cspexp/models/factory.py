@@ -1,50 +1,23 @@
-"""Builders for `LisaModel`: each `conf/model/*.yaml` names one of these functions as its `_target_`.
+"""`random_lisa`: a `LisaModel` of the configured sizes with random weights (conf/model/tiny_*.yaml).
 
-Every builder returns a `LoadedModel` (the model, its processor and the facts the rest of the run
-reports). `random_lisa` makes a small random-weight LISA from sizes in the config — for tests and
-development; no file is read and nothing is downloaded.
+For tests, development and training from scratch: no file is read and nothing is downloaded. Like
+every loader it returns a `LoadedModel` (`cspexp.models.base`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
+from transformers import CLIPVisionConfig, LlamaConfig, SamConfig
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
-from cspexp.models.lisa import IMAGE_NORMS, IMAGE_POSITIONS, LisaModel, text_hidden_fcs
+from cspexp.models.base import LoadedModel, ModelShape, assemble, resolve_dtype
+from cspexp.models.lisa import LisaModel
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import build_word_tokenizer
-from cspexp.utils.errors import ConfigError, require
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    model: LisaModel
-    processor: LisaProcessor
-    name: str
-
-    def dims(self) -> dict:
-        cfg = self.model.llm.config
-        return {
-            "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size,
-            "num_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "n_image_tokens": self.model.n_image_tokens,
-        }
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not allowed; use one of {sorted(set(DTYPES))}")
-    return DTYPES[name]
+from cspexp.utils.errors import require
 
 
 def vision_config(vision: dict, attn_implementation: str) -> CLIPVisionConfig:
@@ -113,43 +86,6 @@ def sam_config(sam: dict) -> SamConfig:
     )
 
 
-def assemble(
-    *,
-    vision_cfg: CLIPVisionConfig,
-    llm_cfg: LlamaConfig,
-    sam_cfg: SamConfig,
-    tokenizer,
-    vision_select_layer: int = -2,
-    seg_query: str = "before",
-    attn_implementation: str = "sdpa",
-    image_position: str = "none",
-    image_norm: str = "none",
-) -> LisaModel:
-    """A LisaModel with freshly initialised weights of the given architecture (loaders then fill them)."""
-    require(attn_implementation in ("sdpa", "eager"),
-            f"model.attn_implementation={attn_implementation!r} is not allowed; use 'sdpa' or 'eager'")
-    require(seg_query in ("before", "at"), f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
-    require(image_position in IMAGE_POSITIONS,
-            f"model.image_position={image_position!r} is not allowed; use one of {list(IMAGE_POSITIONS)}")
-    require(image_norm in IMAGE_NORMS, f"model.image_norm={image_norm!r} is not allowed; use one of {list(IMAGE_NORMS)}")
-    vision_cfg._attn_implementation = attn_implementation
-    llm_cfg._attn_implementation = attn_implementation
-    sam_prompt_dim = sam_cfg.prompt_encoder_config.hidden_size
-    return LisaModel(
-        vision_tower=CLIPVisionModel(vision_cfg),
-        mm_projector=nn.Linear(vision_cfg.hidden_size, llm_cfg.hidden_size),
-        llm=LlamaForCausalLM(llm_cfg),
-        sam=SamModel(sam_cfg),
-        text_hidden_fcs=text_hidden_fcs(llm_cfg.hidden_size, sam_prompt_dim),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        seg_token_id=tokenizer.convert_tokens_to_ids("[SEG]"),
-        vision_select_layer=vision_select_layer,
-        seg_query=seg_query,
-        image_position=image_position,
-        image_norm=image_norm,
-    ).eval()
-
-
 def _from_scratch(model: LisaModel) -> LisaModel:
     """Initialisation fixes for training SAM from scratch (transformers' SAM init is only meant to be
     overwritten by pretrained weights):
@@ -192,7 +128,6 @@ def random_lisa(
     image_position: str = "none",
     image_norm: str = "none",
     words: Iterable[str] = (),
-    **_ignored,
 ) -> LoadedModel:
     """A random-weight LISA of the configured sizes, with a word-level tokenizer over `words`
     (the dataset's query vocabulary; unknown words map to ``<unk>``)."""
@@ -200,37 +135,26 @@ def random_lisa(
     require(grid * vision["patch_size"] == vision["image_size"], "model.vision.image_size must be a multiple of patch_size")
     require(sam["image_size"] % sam["patch_size"] == 0, "model.sam.image_size must be a multiple of patch_size")
     tokenizer = build_word_tokenizer(words)
+    processor = LisaProcessor(tokenizer=tokenizer, tokenizer_kind="word_level", clip_size=vision["image_size"],
+                              sam_size=sam["image_size"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _from_scratch(assemble(
             vision_cfg=vision_config(vision, attn_implementation),
             llm_cfg=llm_config(llm, len(tokenizer), tokenizer.pad_token_id, attn_implementation),
             sam_cfg=sam_config(sam),
-            tokenizer=tokenizer,
+            processor=processor,
             vision_select_layer=vision.get("select_layer", -2),
             seg_query=seg_query,
             attn_implementation=attn_implementation,
             image_position=image_position,
             image_norm=image_norm,
         )).to(resolve_dtype(dtype))
-    processor = LisaProcessor(tokenizer=tokenizer, clip_size=vision["image_size"], sam_size=sam["image_size"])
     return LoadedModel(model=model, processor=processor, name=name)
 
 
-def model_shape(cfg) -> tuple[int, int] | None:
-    """(LLM layers, image tokens) read from a model config without loading weights, so that pruning
-    schedules are validated before a slow load; None when only the checkpoint can tell."""
-    if cfg.get("path") and cfg.get("vision_tower"):  # an original LISA checkpoint + its CLIP directory
-        from cspexp.models.lisa_checkpoint import lisa_shape
-
-        return lisa_shape(cfg["path"], cfg["vision_tower"])
-    if cfg.get("path"):
-        from cspexp.models.saved import saved_shape  # the saved format builds on this module
-
-        return saved_shape(cfg["path"])
-    try:
-        vision, llm = cfg["vision"], cfg["llm"]
-        side = int(vision["image_size"]) // int(vision["patch_size"])
-        return int(llm["num_hidden_layers"]), side * side
-    except (KeyError, TypeError):
-        return None
+def random_shape(cfg: Mapping) -> ModelShape:
+    """The shape `random_lisa` builds from the model config `cfg`, computed without building it."""
+    vision, llm = cfg["vision"], cfg["llm"]
+    side = int(vision["image_size"]) // int(vision["patch_size"])
+    return ModelShape(int(llm["num_hidden_layers"]), side * side)

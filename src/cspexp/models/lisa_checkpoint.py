@@ -46,9 +46,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
-from cspexp.models.factory import LoadedModel, assemble, resolve_dtype
+from cspexp.models.base import LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
 from cspexp.models.processor import LisaProcessor
-from cspexp.models.saved import _rebuild_buffers
 from cspexp.utils.errors import ConfigError, MissingPathError, require
 
 log = logging.getLogger(__name__)
@@ -176,12 +175,13 @@ def load_vision_tower(vision_tower: str | Path, dtype: torch.dtype, attn_impleme
     return clip
 
 
-def lisa_shape(path: str | Path, vision_tower: str | Path) -> tuple[int, int]:
-    """(LLM layers, image tokens) from config.json and the CLIP config, without reading any weight."""
-    config = read_lisa_config(path)
-    vision = read_vision_config(vision_tower)
+def lisa_shape(cfg: Mapping) -> ModelShape:
+    """The shape of the checkpoint ``cfg.path`` with the CLIP tower ``cfg.vision_tower``, from their
+    config.json files, without reading any weight."""
+    config = read_lisa_config(cfg["path"])
+    vision = read_vision_config(cfg["vision_tower"])
     side = vision.image_size // vision.patch_size
-    return config["num_hidden_layers"], side * side
+    return ModelShape(config["num_hidden_layers"], side * side)
 
 
 # --------------------------------------------------------------------------- weight files
@@ -369,7 +369,6 @@ def load_lisa(
     vision_select_layer: int | None = None,
     expect: Mapping | None = None,
     progress: bool = True,
-    **_ignored,
 ) -> LoadedModel:
     """Load an original LISA checkpoint directory `path` with the CLIP tower of `vision_tower`.
 
@@ -381,7 +380,6 @@ def load_lisa(
         expect: config.json values this model config requires (``hidden_size`` …), so that a named
             config (``model=lisa_7b``) pointed at another checkpoint fails before the load.
         progress: show a progress bar over the shards.
-    Extra keyword arguments (the data vocabulary the tiny models use) are ignored.
     """
     from cspexp.models.lisa_tokenizer import load_lisa_tokenizer
     from cspexp.models.sam_convert import sam_config_from_weights
@@ -414,19 +412,20 @@ def load_lisa(
             f"{ckpt / 'config.json'}: out_dim {out_dim} differs from the SAM prompt width "
             f"{sam_cfg.prompt_encoder_config.hidden_size} of its weights")
 
+    processor = LisaProcessor(tokenizer=tokenizer, tokenizer_kind="lisa", clip_size=clip.config.image_size,
+                              sam_size=sam_cfg.vision_config.image_size)
     with torch.device("meta"):
         # No storage and no random init: every tensor is assigned from the checkpoint below.
         model = assemble(
             vision_cfg=clip.config,
             llm_cfg=llama_config(config, attn_implementation),
             sam_cfg=sam_cfg,
-            tokenizer=tokenizer,
+            processor=processor,
             vision_select_layer=select,
             seg_query=seg_query,
             attn_implementation=attn_implementation,
         )
     model.vision_tower = clip
-    model.image_token_id, model.seg_token_id = tokenizer.image_token_id, tokenizer.seg_token_id
     has_tower = any(k.startswith(TOWER_PREFIX) for k in shapes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if has_tower or not k.startswith("vision_tower.")}
     plan = KeyPlan.make(shapes, expected)
@@ -445,8 +444,6 @@ def load_lisa(
         model.load_state_dict(chunk, strict=False, assign=True)
         del chunk
 
-    _rebuild_buffers(model)  # RoPE frequencies: not in the state dict, computed from config.json
+    rebuild_buffers(model)  # RoPE frequencies: not in the state dict, computed from config.json
     model = model.to(target).eval()
-    processor = LisaProcessor(tokenizer=tokenizer, clip_size=clip.config.image_size,
-                              sam_size=sam_cfg.vision_config.image_size)
     return LoadedModel(model=model, processor=processor, name=name or ckpt.name)

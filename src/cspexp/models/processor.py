@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -60,14 +61,21 @@ def sam_preprocess(image: np.ndarray, size: int, mean=SAM_MEAN, std=SAM_STD) -> 
     return torch.from_numpy(out.transpose(2, 0, 1).copy()), (new_h, new_w)
 
 
-def encode_lisa_prompt(tokenizer, query: str, is_sentence: bool, answer: bool = True) -> list[int]:
+#: Which tokenizer a model carries, said by its loader (never guessed from the object):
+#: ``word_level`` — the small models' transformers tokenizer holding ``<image>`` and ``[SEG]``;
+#: ``lisa`` — `cspexp.models.lisa_tokenizer.LisaTokenizer`, LISA's exact slow-tokenizer ids.
+TokenizerKind = Literal["word_level", "lisa"]
+TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
+
+
+def encode_lisa_prompt(tokenizer, kind: TokenizerKind, query: str, is_sentence: bool, answer: bool = True) -> list[int]:
     """Token ids of LISA's evaluation prompt (one image placeholder; answer ``[SEG].`` unless `answer` is False).
 
-    A tokenizer with its own ``encode_prompt`` (`cspexp.models.lisa_tokenizer.LisaTokenizer`: LISA's exact
-    slow-tokenizer ids, -200 for the image) does it itself; the word-level tokenizers of the small models
-    encode the prompt text, with the ``<image>`` token's own id as the placeholder.
+    LISA's tokenizer builds the ids itself (LISA's slow-tokenizer ids, -200 for the image); the
+    word-level tokenizers of the small models encode the prompt text, with the ``<image>`` token's own
+    id as the placeholder.
     """
-    if hasattr(tokenizer, "encode_prompt"):
+    if kind == "lisa":
         return tokenizer.encode_prompt(query, is_sentence, answer=answer)
     text = lisa_prompt.lisa_prompt(query, is_sentence, answer=lisa_prompt.ANSWER if answer else None)
     return tokenizer(text)["input_ids"]
@@ -78,17 +86,21 @@ class LisaProcessor:
     """Turns dataset items into model batches. `collate` is the DataLoader's ``collate_fn``."""
 
     tokenizer: object  # a word-level transformers tokenizer holding <image> and [SEG], or a LisaTokenizer
+    tokenizer_kind: TokenizerKind
     clip_size: int
     sam_size: int
 
     def __post_init__(self) -> None:
+        if self.tokenizer_kind not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer_kind={self.tokenizer_kind!r} is not one of {list(TOKENIZER_KINDS)}")
+        # The one place the special ids are read from the tokenizer; the model takes them from here.
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(lisa_prompt.IMAGE_TOKEN)
         self.seg_token_id = self.tokenizer.convert_tokens_to_ids(lisa_prompt.SEG_TOKEN)
         self.pad_token_id = self.tokenizer.pad_token_id
 
     def encode_prompt(self, query: str, is_sentence: bool) -> list[int]:
         """Token ids of LISA's evaluation prompt (one ``<image>`` placeholder, answer ``[SEG].``)."""
-        return encode_lisa_prompt(self.tokenizer, query, is_sentence)
+        return encode_lisa_prompt(self.tokenizer, self.tokenizer_kind, query, is_sentence)
 
     def collate(self, items: Sequence[dict]) -> dict:
         ids = [self.encode_prompt(it["query"], bool(it.get("is_sentence", False))) for it in items]
@@ -99,7 +111,7 @@ class LisaProcessor:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
         sam = [sam_preprocess(it["image"], self.sam_size) for it in items]
-        batch = {
+        return {
             "idx": torch.tensor([int(it["idx"]) for it in items], dtype=torch.long),
             "clip_pixels": torch.stack([clip_preprocess(it["image"], self.clip_size) for it in items]),
             "sam_pixels": torch.stack([s[0] for s in sam]),
@@ -112,6 +124,3 @@ class LisaProcessor:
             "queries": [it["query"] for it in items],
             "query_kinds": [it.get("query_kind") for it in items],
         }
-        if all("anchor_mask" in it for it in items):  # shapes: relational queries' anchor (training aid)
-            batch["anchor_masks"] = [torch.from_numpy(np.asarray(it["anchor_mask"], dtype=np.uint8)) for it in items]
-        return batch

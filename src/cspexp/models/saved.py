@@ -12,13 +12,14 @@ existed are word-level.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, LlamaConfig, SamConfig
 
-from cspexp.models.factory import LoadedModel, assemble, resolve_dtype
+from cspexp.models.base import LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import load_word_tokenizer, save_word_tokenizer
 from cspexp.utils.errors import ConfigError, MissingPathError
@@ -28,11 +29,6 @@ VERSION = 1
 FILES = ("config.json", "model.safetensors")
 # config.json "tokenizer" → the file or directory holding it
 TOKENIZER_FILES = {"word_level": "tokenizer.json", "lisa": "tokenizer"}
-
-
-def tokenizer_kind(tokenizer) -> str:
-    """LISA's tokenizer (`cspexp.models.lisa_tokenizer`) builds the prompt ids itself; the word-level one does not."""
-    return "lisa" if hasattr(tokenizer, "encode_prompt") else "word_level"
 
 
 def state_for_safetensors(model) -> dict:
@@ -54,7 +50,7 @@ def save_model(loaded: LoadedModel, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model = loaded.model
     tokenizer = loaded.processor.tokenizer
-    kind = tokenizer_kind(tokenizer)
+    kind = loaded.processor.tokenizer_kind
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -102,12 +98,12 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def saved_shape(path: str | Path) -> tuple[int, int]:
-    """(LLM layers, image tokens) from the directory's config.json, without loading weights."""
-    config = read_config(path)
+def saved_shape(cfg: Mapping) -> ModelShape:
+    """The shape of the model directory ``cfg.path``, from its config.json, without loading weights."""
+    config = read_config(cfg["path"])
     vision = config["vision_config"]
     side = vision["image_size"] // vision["patch_size"]
-    return config["llm_config"]["num_hidden_layers"], side * side
+    return ModelShape(config["llm_config"]["num_hidden_layers"], side * side)
 
 
 def load_saved(
@@ -117,7 +113,6 @@ def load_saved(
     dtype: str | None = "float32",
     attn_implementation: str = "sdpa",
     seg_query: str | None = None,
-    **_ignored,
 ) -> LoadedModel:
     """Load a model directory written by `save_model` (strict: every key must match); `dtype` None
     keeps the stored dtype."""
@@ -130,21 +125,25 @@ def load_saved(
         tokenizer = load_lisa_tokenizer(path / TOKENIZER_FILES[kind])
     else:
         tokenizer = load_word_tokenizer(path / TOKENIZER_FILES[kind])
+    processor = LisaProcessor(
+        tokenizer=tokenizer,
+        tokenizer_kind=kind,
+        clip_size=config["vision_config"]["image_size"],
+        sam_size=config["sam_config"]["vision_config"]["image_size"],
+    )
     with torch.device("meta"):
         # Built on the meta device: no memory for random init, weights come from the file below.
         model = assemble(
             vision_cfg=CLIPVisionConfig.from_dict(config["vision_config"]),
             llm_cfg=LlamaConfig.from_dict(config["llm_config"]),
             sam_cfg=SamConfig.from_dict(config["sam_config"]),
-            tokenizer=tokenizer,
+            processor=processor,
             vision_select_layer=config["vision_select_layer"],
             seg_query=seg_query or config["seg_query"],
             attn_implementation=attn_implementation,
             image_position=config.get("image_position", "none"),
             image_norm=config.get("image_norm", "none"),
         )
-    if kind == "lisa":  # LISA's placeholder id is −200, not a vocabulary entry: the tokenizer says so
-        model.image_token_id, model.seg_token_id = tokenizer.image_token_id, tokenizer.seg_token_id
     state = load_file(str(path / "model.safetensors"))
     expected = set(model.state_dict().keys())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -155,31 +154,9 @@ def load_saved(
             f"unexpected keys {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    _rebuild_buffers(model)
+    rebuild_buffers(model)
     if dtype is not None:  # None: as stored (a converted LISA-7B is bf16; float32 would double it)
         model = model.to(resolve_dtype(dtype))
     model = model.eval()
-    processor = LisaProcessor(
-        tokenizer=tokenizer,
-        clip_size=config["vision_config"]["image_size"],
-        sam_size=config["sam_config"]["vision_config"]["image_size"],
-    )
     return LoadedModel(model=model, processor=processor, name=name or config.get("name") or path.name)
-
-
-def _rebuild_buffers(model) -> None:
-    """Non-persistent buffers (RoPE inverse frequencies, CLIP position ids) are not in the state
-    dict, so after a meta-device build they must be recomputed on the CPU."""
-    for module in model.modules():
-        for buf_name, buf in list(module.named_buffers(recurse=False)):
-            if buf.device.type != "meta":
-                continue
-            if buf_name in ("inv_freq", "original_inv_freq"):
-                inv_freq, _ = module.rope_init_fn(module.config) if hasattr(module, "rope_init_fn") else \
-                    module.compute_default_rope_parameters(module.config)
-                module.register_buffer(buf_name, inv_freq, persistent=False)
-            elif buf_name == "position_ids":
-                module.register_buffer(buf_name, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
-            else:
-                raise RuntimeError(f"cannot rebuild buffer {buf_name} of {type(module).__name__} after a meta-device build")
 

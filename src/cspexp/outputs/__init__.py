@@ -1,1 +1,1 @@
-"""Run outputs (DESIGN §8): results.json, samples.jsonl, error.json, and the summary table."""
+"""Run outputs (docs/outputs.md): results.json, samples.jsonl, error.json, and the summary table."""

@@ -1,7 +1,12 @@
-"""The `results.json` contract (DESIGN §8), versioned by ``schema``.
+"""The `results.json` contract (docs/outputs.md), versioned by ``schema``, and the one place that
+turns an evaluation's per-sample records into it.
 
 FLOPs are means per sample in `flops.unit` (FLOPs, 2 per multiply-add); latency is the mean per
 sample (a batch's time divided by its size) with warm-up passes excluded; memory is the peak.
+
+`SUMMARY_FIELDS` is the flat view of results.json that goes to a W&B run's summary; `cspexp.aggregate
+--wandb` reads it back through `results_from_summary`, so the report reads W&B runs and run
+directories through the same `cspexp.report.pareto.point_from_results`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from cspexp.flops.analytic import summarize as summarize_flops
 
 SCHEMA = 1
 # Config sections that decide a run's numbers; the hash over them identifies a Pareto point
@@ -55,40 +62,64 @@ def git_info() -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def summarize_records(records: list[dict]) -> dict:
-    """gIoU / cIoU recomputed from per-sample records, overall and per query kind."""
-
-    def agg(rows: list[dict]) -> dict:
-        n = len(rows)
-        inter = sum(r["intersection"] for r in rows)
-        union = sum(r["union"] for r in rows)
-        return {
-            "giou": sum(r["iou"] for r in rows) / n if n else None,
-            "ciou": inter / (union + 1e-10) if n else None,
-            "n": n,
-        }
-
-    kinds = sorted({r.get("query_kind") for r in records if r.get("query_kind")})
-    return {"all": agg(records), "by_kind": {k: agg([r for r in records if r.get("query_kind") == k]) for k in kinds}}
+FLOPS_KEYS = ("llm", "llm_dense", "image", "image_dense", "overhead")  # per record: flops_<key>
 
 
-def build_results(
-    *,
-    cfg: DictConfig,
-    method_info: dict,
-    model_name: str,
-    model_dims: dict,
-    metrics: dict,
-    records: list[dict],
-    flops: dict,
-    latency_ms: dict,
-    memory_mb: float | None,
-) -> dict:
+def mean_image_per_layer(records: list[dict], num_layers: int) -> list[float]:
+    """The image tokens entering each layer, averaged over samples."""
+    if not records:
+        return []
+    return [sum(r["image_per_layer"][l] for r in records) / len(records) for l in range(num_layers)]
+
+
+def mean_latency(records: list[dict]) -> dict:
+    keys = ("llm_prefill", "end_to_end")
+    if not records:
+        return dict.fromkeys(keys)
+    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in keys}
+
+
+def metrics_by_kind(records: list[dict], metric_factory) -> dict:
+    """gIoU / cIoU per query kind: the run's metric class fed each kind's per-sample counts."""
+    out = {}
+    for kind in sorted({r.get("query_kind") for r in records if r.get("query_kind")}):
+        counts = [(r["intersection"], r["union"]) for r in records if r.get("query_kind") == kind]
+        metric = metric_factory()
+        metric.update(counts=counts)
+        out[kind] = {**{k: float(v) for k, v in metric.compute().items()}, "n": len(counts)}
+    return out
+
+
+def measure(records: list[dict], metrics: dict, num_layers: int) -> dict:
+    """The measured part of a results dict, from the records and the metric's values: what the
+    main run and its dense reference both report."""
+    per_layer = mean_image_per_layer(records, num_layers)
+    return {
+        "metrics": {"giou": metrics["giou"], "ciou": metrics["ciou"]},
+        "flops": summarize_flops([{k: r[f"flops_{k}"] for k in FLOPS_KEYS} for r in records]),
+        "image_per_layer": per_layer,
+        "avg_image_per_layer": sum(per_layer) / num_layers if per_layer else None,
+        "latency_ms": mean_latency(records),
+    }
+
+
+def objective(cfg: DictConfig, results: dict) -> float:
+    """One number for W&B's Bayesian sweeps, which optimise a single top-level metric: gIoU minus
+    ``objective.penalty`` per unit of image-token FLOPs reduction short of
+    ``objective.target_reduction`` (0, the default, leaves plain gIoU)."""
+    spec = cfg.get("objective") or {}
+    target, penalty = float(spec.get("target_reduction", 0.0)), float(spec.get("penalty", 0.0))
+    reduction = results["flops"].get("reduction_image") or 0.0
+    return results["metrics"]["giou"] - penalty * max(0.0, target - reduction)
+
+
+def build_results(*, cfg: DictConfig, method_info: dict, model_name: str, model_dims: dict, outcome,
+                  metric_factory, dense: dict | None, skipped: dict) -> dict:
+    """results.json of an evaluation (`outcome`: the merged `EvalOutcome`; `dense`: the `measure` of
+    the dense reference run on the same samples, or None)."""
     num_layers = model_dims["num_layers"]
-    image_per_layer = (
-        [sum(r["image_per_layer"][l] for r in records) / len(records) for l in range(num_layers)] if records else []
-    )
-    per_kind = summarize_records(records)["by_kind"]
+    records = outcome.records
+    measured = measure(records, outcome.metrics, num_layers)
     return {
         "schema": SCHEMA,
         "method": method_info["name"],
@@ -99,20 +130,80 @@ def build_results(
             "split": cfg.dataset.get("split"),
         },
         "n_samples": len(records),
-        "metrics": {"giou": metrics["giou"], "ciou": metrics["ciou"]},
-        "metrics_by_kind": per_kind,
-        "flops": flops,
+        "metrics": measured["metrics"],
+        "metrics_by_kind": metrics_by_kind(records, metric_factory),
+        "flops": measured["flops"],
         "tokens": {
             "n_image": model_dims["n_image_tokens"],
             "num_layers": num_layers,
-            "image_per_layer": image_per_layer,
-            "avg_image_per_layer": sum(image_per_layer) / num_layers if image_per_layer else None,
+            "image_per_layer": measured["image_per_layer"],
+            "avg_image_per_layer": measured["avg_image_per_layer"],
         },
-        "latency_ms": latency_ms,
-        "memory_mb": memory_mb,
+        "latency_ms": measured["latency_ms"],  # each sample timed on the process that ran it
+        "memory_mb": outcome.memory_mb,
         "model_dims": {k: model_dims[k] for k in ("hidden_size", "intermediate_size", "num_layers")},
+        "dense": None if dense is None else {k: dense[k] for k in ("metrics", "flops", "avg_image_per_layer", "latency_ms")},
+        "skipped": skipped,  # samples dataset.on_error=skip left out: n_samples counts only what was evaluated
+        "distributed": {
+            "world_size": len(outcome.samples_per_rank),
+            "samples_per_rank": outcome.samples_per_rank,
+            "memory_mb_per_rank": outcome.memory_mb_per_rank,
+        },
+        "objective": objective(cfg, measured),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_hash": config_hash(cfg),
         "versions": versions(),
         "git": git_info(),
     }
+
+
+# W&B summary key → dotted path in results.json. The summary is what W&B's sweep charts and
+# `cspexp.aggregate --wandb` see of a run.
+SUMMARY_FIELDS = {
+    "giou": "metrics.giou",
+    "ciou": "metrics.ciou",
+    "n_samples": "n_samples",
+    "avg_image_tokens_per_layer": "tokens.avg_image_per_layer",
+    "flops_image": "flops.image",
+    "flops_llm": "flops.llm",
+    "flops_image_dense": "flops.image_dense",
+    "reduction_image": "flops.reduction_image",
+    "reduction_llm": "flops.reduction_llm",
+    "latency_ms": "latency_ms.end_to_end",
+    "memory_mb": "memory_mb",
+    "method": "method",
+    "keep": "prune.keep",
+    "model": "model",
+    "config_hash": "config_hash",
+    "objective": "objective",
+}
+
+
+def summary_of(results: dict) -> dict:
+    """The flat W&B summary of a results dict (`SUMMARY_FIELDS`)."""
+    out = {}
+    for key, path in SUMMARY_FIELDS.items():
+        node = results
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def results_from_summary(summary) -> dict:
+    """The part of results.json a W&B summary holds, nested again (`summary` may be W&B's lazy
+    summary object: only ``.get`` is used, and a key it cannot give is left out)."""
+    out: dict = {}
+    for key, path in SUMMARY_FIELDS.items():
+        try:
+            value = summary.get(key)
+        except Exception:  # noqa: BLE001 — W&B summaries are lazy objects; a missing key must not stop the report
+            value = None
+        if value is None:
+            continue
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out

@@ -5,60 +5,31 @@ process that launched the sweep, whatever the launcher — it reads every job di
 ``hydra.sweep.dir``, writes pareto.{csv,json,png} and report.md there, and logs one W&B summary run
 (``job_type=pareto``) in the jobs' group when the logger is W&B.
 
-Failed jobs: with Hydra's basic sweeper a job's exception would be re-raised by the sweeper before
-``on_multirun_end`` is called, and the report would never be written. So `cspexp.cli.run_task`
-lets such a job end normally after writing its ``error.json`` (see `failures_reported_here`), this
-callback lists it in the report, and records the failure in `LAST_SWEEP`; `cspexp.cli.main` then
-exits non-zero. Sweepers that handle failures themselves (Optuna) still get the exception.
+Failed jobs are listed in the report, and the sweep's outcome goes to `cspexp.utils.failures`
+(`end_sweep`), which decides the exit status; its module docstring says why a failed job of the
+basic sweeper ends normally.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cspexp.utils.failures import SweepOutcome, begin_sweep, end_sweep
+
 log = logging.getLogger(__name__)
-
-TARGET = "cspexp.report.callback.ParetoCallback"
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
-
-@dataclass
-class SweepOutcome:
-    report_dir: Path | None = None
-    failed: list[str] = field(default_factory=list)  # one line per failed job
-    error: str | None = None  # the report itself could not be written
-
-
-# The outcome of the last multirun of this process, read by `cspexp.cli.main` for the exit status.
-LAST_SWEEP: SweepOutcome | None = None
 
 
 def sweep_group(logger_cfg, sweep_dir) -> str:
     """The W&B group of a sweep's runs: ``logger.group`` if set, else the sweep dir's name
-    (`cspexp.evaluate.build_logger` uses the same rule for the job runs)."""
+    (`cspexp.run.build_logger` uses the same rule for the job runs)."""
     group = (logger_cfg or {}).get("group") if logger_cfg is not None else None
     return str(group) if group else Path(str(sweep_dir)).name
-
-
-def _reports_task(callback_cfg, task_name) -> bool:
-    return (str((callback_cfg or {}).get("_target_", "")) == TARGET and bool((callback_cfg or {}).get("enabled", True))
-            and task_name in list((callback_cfg or {}).get("tasks", ["eval"])))
-
-
-def failures_reported_here(hydra_cfg, task_name: str | None) -> bool:
-    """Whether a failed job may end normally because this callback reports it: Hydra's basic
-    sweeper (which would otherwise abort before the report) and this callback configured for the
-    task (`python -m cspexp` is task ``eval``; `python -m cspexp.train` is not reported)."""
-    sweeper = str(hydra_cfg.sweeper.get("_target_", ""))
-    callbacks = hydra_cfg.get("callbacks") or {}
-    return sweeper == BASIC_SWEEPER and any(_reports_task(c, task_name) for c in callbacks.values())
 
 
 class ParetoCallback(Callback):
@@ -70,8 +41,7 @@ class ParetoCallback(Callback):
         self.enabled, self.wandb, self.plot, self.tasks = enabled, wandb, plot, list(tasks)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global LAST_SWEEP
-        LAST_SWEEP = None
+        begin_sweep()
         self.started = time.time()
         # Hydra 1.3 sets HydraConfig only inside each job, but the default sweep dir goes through
         # paths.log_dir → ${hydra:runtime.cwd}, which the sweeper resolves before any job starts
@@ -83,7 +53,6 @@ class ParetoCallback(Callback):
             HydraConfig.instance().set_config(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global LAST_SWEEP
         if not self.enabled or config.get("task_name") not in self.tasks:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -93,7 +62,7 @@ class ParetoCallback(Callback):
         except Exception as exc:  # noqa: BLE001 — Hydra would turn it into a warning and exit 0
             log.exception("the Pareto report could not be written")
             outcome.error = f"the Pareto report in {sweep_dir} could not be written: {type(exc).__name__}: {exc}"
-        LAST_SWEEP = outcome
+        end_sweep(outcome)
 
     def _ran_now(self, job_dir: Path) -> bool:
         """Whether the job in `job_dir` was started by this multirun: Hydra writes the job's

@@ -7,7 +7,6 @@ the same errors; the message then names the key and lists what exists there.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -16,6 +15,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from cspexp.utils.choices import check_config
+from cspexp.utils.conf_dir import check_conf_dir
+from cspexp.utils.errors import CspexpError
+from cspexp.utils.failures import fail
 
 # Flags after which the remaining arguments are not plain overrides: leave those runs to Hydra.
 HYDRA_FLAGS = {
@@ -63,23 +67,33 @@ def _explain(cfg: DictConfig, group_options, override) -> str | None:
 
 
 def preflight(conf_dir: Path, config_name: str, argv: list[str]) -> None:
-    """Exit with one error line (status 2) if the overrides in `argv` do not compose."""
+    """Exit with one error line (status 2) if the configs are missing or the overrides in `argv`
+    do not compose."""
+    try:
+        check_conf_dir(conf_dir)
+    except CspexpError as exc:
+        fail(str(exc))
     if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
     try:
         parsed = _first_values(overrides)
     except HydraException as exc:
-        _exit(f"cannot parse the overrides: {_one_line(exc)}")
+        fail(f"cannot parse the overrides: {_one_line(exc)}")
     plain = [o.input_line for o in parsed]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             try:
-                compose(config_name=config_name, overrides=plain)
-                return
+                cfg = compose(config_name=config_name, overrides=plain)
             except (HydraException, OmegaConfBaseException, ValueError) as exc:
                 error = exc
+            else:
+                try:  # values outside the Literal annotations of their `_target_`
+                    check_config(cfg)
+                except CspexpError as exc:
+                    fail(str(exc))
+                return
             # Find the culprit against the config composed with the user's group choices only
             # (prune=csp, experiment=…): they decide which keys exist.
             loader = GlobalHydra.instance().config_loader()
@@ -88,10 +102,10 @@ def preflight(conf_dir: Path, config_name: str, argv: list[str]) -> None:
                 if not options or o.is_delete():
                     continue
                 if o.value() is None:
-                    _exit(f"{o.key_or_group}=null is not an option; choose one of: {', '.join(options)} "
+                    fail(f"{o.key_or_group}=null is not an option; choose one of: {', '.join(options)} "
                           f"(or drop the group with ~{o.key_or_group})")
                 if isinstance(o.value(), str) and o.value() not in options:
-                    _exit(f"{o.key_or_group}={o.value()} is not a known option of '{o.key_or_group}'; "
+                    fail(f"{o.key_or_group}={o.value()} is not a known option of '{o.key_or_group}'; "
                           f"choose one of: {', '.join(options)}")
             groups = [o.input_line for o in parsed
                       if not o.key_or_group.startswith("hydra") and loader.get_group_options(o.key_or_group)]
@@ -102,8 +116,8 @@ def preflight(conf_dir: Path, config_name: str, argv: list[str]) -> None:
             for o in parsed:
                 msg = _explain(base, lambda g: loader.get_group_options(g), o) if base is not None else None
                 if msg:
-                    _exit(msg)
-            _exit(_one_line(error))
+                    fail(msg)
+            fail(_one_line(error))
     finally:
         GlobalHydra.instance().clear()
 
@@ -114,7 +128,3 @@ def _one_line(exc: BaseException) -> str:
     parts = [p for p in parts if not p.startswith(("Config search path", "provider=", "Set the environment"))]
     return "; ".join(parts)
 
-
-def _exit(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(2)

@@ -1,0 +1,93 @@
+"""`build_run(cfg)`: from a composed config to the objects a run works with — the pruning method
+bound to the model's shape, the datasets, the loaded model — in the order that fails fastest.
+
+Evaluation, training and the prompt tool start here, so a config is validated one way everywhere:
+1. mandatory keys (``???``) are set;
+2. the method is built, and bound to the model's shape read from its config files *before* any
+   weight is loaded (a bad schedule costs a second, not a checkpoint load);
+3. the datasets are built (the data checks of the caller run here, still before the model);
+4. the model is loaded, with the training (or evaluation) data's vocabulary for loaders that build
+   their tokenizer from it; a method whose shape only the loaded model could tell is bound now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cspexp.data import build_dataset, vocabulary
+from cspexp.models.base import LoadedModel, ModelShape
+from cspexp.models.loaders import build_model, model_shape
+from cspexp.utils.errors import ConfigError
+from cspexp.utils.hydra_mode import in_multirun
+from cspexp.utils.instantiate import build
+
+
+@dataclass
+class Run:
+    """What a configured run works with. ``datasets`` maps a role (``eval``; ``train`` and ``val``
+    for training) to its dataset."""
+
+    method: object  # a pruning method bound to `loaded`'s shape: ready for the forward pass
+    datasets: dict
+    loaded: LoadedModel
+
+    @property
+    def dataset(self):
+        """The evaluation dataset (``cfg.dataset``)."""
+        return self.datasets["eval"]
+
+
+def require_values(cfg: DictConfig) -> None:
+    """Mandatory keys (``???``) must be set; say which, in one line."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
+
+
+def bind_method(spec, shape: ModelShape):
+    """The configured method bound to a model of `shape` (its schedule checked against it)."""
+    return spec.bind(shape.num_layers, shape.n_image_tokens)
+
+
+def build_run(
+    cfg: DictConfig,
+    datasets: Mapping[str, DictConfig] | None = None,
+    vocabulary_from: str = "eval",
+    check_data: Callable[[dict], None] | None = None,
+) -> Run:
+    """Build the run of `cfg` (see the module docstring for the order).
+
+    Args:
+        datasets: role → dataset config; default ``{"eval": cfg.dataset}``.
+        vocabulary_from: the role whose vocabulary a word-level tokenizer is built over.
+        check_data: called with the built datasets before the model loads (raise ConfigError).
+    """
+    require_values(cfg)
+    spec = build(cfg.prune)
+    shape = model_shape(cfg.model)
+    method = bind_method(spec, shape) if shape is not None else None
+    built = {role: build_dataset(node) for role, node in (datasets or {"eval": cfg.dataset}).items()}
+    if check_data is not None:
+        check_data(built)
+    loaded = build_model(cfg.model, vocabulary(built[vocabulary_from]))
+    if method is None:
+        method = bind_method(spec, loaded.shape)
+    return Run(method=method, datasets=built, loaded=loaded)
+
+
+def build_logger(cfg: DictConfig):
+    """The Lightning logger of `cfg.logger`, or None for ``logger=none``.
+
+    In a multirun a logger with an unset ``group`` (W&B) is grouped by sweep: the sweep dir's name,
+    the group the sweep's Pareto summary run joins too (`cspexp.report.callback.sweep_group`)."""
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return None
+    extra = {}
+    if "group" in cfg.logger and cfg.logger.group is None and in_multirun():
+        extra["group"] = Path(str(HydraConfig.get().sweep.dir)).name
+    return build(cfg.logger, **extra)
