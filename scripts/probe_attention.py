@@ -25,15 +25,16 @@ from omegaconf import OmegaConf
 from cspexp.cli import CONF_DIR
 from cspexp.data.shapes import ShapesDataset
 from cspexp.lit.attend import AttentionTap, target_cells
+from cspexp.pruning.engine import Observer
 from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import segment
 from cspexp.utils.instantiate import build
 
 
-class QueryStates(NoPruning):
-    """The dense pass, recording the query token's input state at every layer."""
+class QueryStates(Observer):
+    """Records the query token's input state at every layer."""
 
-    def setup(self, state, ctx) -> None:
+    def on_setup(self, state, ctx) -> None:
         self.states = []
 
     def before_layer(self, layer: int, state, ctx) -> None:
@@ -50,6 +51,7 @@ def main() -> None:
     loaded = build(OmegaConf.load(CONF_DIR / "model" / "converted.yaml"), path=args.model_dir)
     model = loaded.model.eval()
     n_layers, n_heads = model.num_layers, model.llm.config.num_attention_heads
+    dense = NoPruning().bind(n_layers, model.n_image_tokens)
     data = ShapesDataset(split="val", n=args.n)
 
     mass, iou = defaultdict(list), defaultdict(list)
@@ -59,8 +61,8 @@ def main() -> None:
         cells = target_cells(batch, model.grid_size)
         with torch.no_grad():
             for head in range(n_heads):
-                tap = AttentionTap(NoPruning(), list(range(n_layers)), head=head)
-                out = segment(model, batch, tap)
+                tap = AttentionTap(list(range(n_layers)), head=head)
+                out = segment(model, batch, dense, observers=[tap])
                 for layer, (probs, grid) in enumerate(tap.records):
                     on_target = (probs * (torch.gather(cells, 1, grid) > 0)).sum(1)
                     for b, item in enumerate(items):
@@ -83,7 +85,7 @@ def main() -> None:
     def states(items):
         rec = QueryStates()
         with torch.no_grad():
-            segment(model, loaded.processor.collate(items), rec)
+            segment(model, loaded.processor.collate(items), dense, observers=[rec])
         return rec.states
 
     base = states(phrases)

@@ -78,12 +78,12 @@ def main() -> None:
             print(f"{layer:5d}  {q.norm(dim=-1).mean():6.2f}  {spread(q):6.3f}  {q.abs().mean(0).max():7.2f}")
         print(f"image tokens: norm {image_tokens.norm(dim=-1).mean():.2f}, text embeddings: norm "
               f"{prompt.embeds[prompt.kind == 2].norm(dim=-1).mean():.2f}")
-        _, query_hidden = run_llm(model, batch, NoPruning())
+        _, query_hidden = run_llm(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
         seg = model.seg_embedding(query_hidden)
         target = click_embeddings(model, batch, "centre")
         print(f"[SEG] embedding: norm {seg.norm(dim=-1).mean():.3f}, spread {spread(seg):.2e}")
         print(f"match MSE {((seg - target) ** 2).mean():.4f} (a constant predictor: {((target - target.mean(0)) ** 2).mean():.4f})")
-        state, _ = run_llm(model, batch, NoPruning())
+        state, _ = run_llm(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
         descriptors = target_descriptors(batch)[:, None]
         # the query's last token: before "in this image ?" (phrases) or right before the template (sentences)
         seg_at = (batch["input_ids"] == model.seg_token_id).float().argmax(1)

@@ -95,7 +95,7 @@ def test_tap_under_pruning_records_only_the_tokens_left():
     their grid cells."""
     loaded = tiny()  # 8 layers: csp's default stages are 0–1 / 2–3 / 4–7
     method = build(OmegaConf.merge(OmegaConf.load(CONF_DIR / "prune" / "csp.yaml"), {"keep": 0.1}))
-    method.validate(8, loaded.model.n_image_tokens)
+    method = method.bind(8, loaded.model.n_image_tokens)
     tap = AttentionTap(method, layers=[3, 6])
     out = segment(loaded.model, val_batch(loaded, 2), tap)
     (p3, g3), (p6, g6) = tap.records

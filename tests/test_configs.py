@@ -38,8 +38,7 @@ def test_buildable_groups_instantiate(compose_cfg, tmp_path):
 
     cfg = compose_cfg("dataset.n=2")
     for option in options("prune"):
-        method = instantiate(compose_cfg(f"prune={option}").prune)
-        method.validate(8, 256)
+        instantiate(compose_cfg(f"prune={option}").prune).bind(8, 256)
     for option in options("dataset"):
         overrides = [f"dataset={option}", "dataset.n=2"]
         if option in roots:

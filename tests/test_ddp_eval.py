@@ -23,7 +23,7 @@ from cspexp.data.sampling import EvalData
 from cspexp.lit import distributed
 from cspexp.lit.distributed import check_processes
 from cspexp.outputs.files import read_jsonl
-from cspexp.pruning.methods import NoPruning
+from cspexp.pruning.methods import NoPruning, PruningMethod
 from cspexp.utils.errors import ConfigError
 
 TIMEOUT_S = 240
@@ -149,6 +149,11 @@ class FailsOnRankOne(NoPruning):
     """The dense model, except that the second process of a ``trainer=ddp`` run raises at its
     first sample (the CLI test below builds it with ``prune._target_``)."""
 
+    def bind(self, num_layers: int, n_image: int) -> PruningMethod:
+        return DenseFailingOnRankOne(self, num_layers, n_image)
+
+
+class DenseFailingOnRankOne(PruningMethod):
     def setup(self, state, ctx) -> None:
         if dist.is_initialized() and dist.get_rank() == 1:
             raise RuntimeError("injected failure on rank 1")

@@ -56,7 +56,7 @@ def test_loop_equals_llama_forward(attn, lengths):
     with torch.no_grad():
         reference = model(inputs_embeds=prompt.embeds, attention_mask=attn_mask).last_hidden_state
         state = TokenState.from_prompt(prompt, N_LAYERS)
-        out = DecoderLoop(model).run(state, NoPruning(), ctx_for(model)).hidden
+        out = DecoderLoop(model).run(state, NoPruning().bind(N_LAYERS, N_IMAGE), ctx_for(model)).hidden
     valid = attn_mask.bool()
     assert out.shape == reference.shape
     diff = (out - reference).abs()[valid].max().item()
@@ -67,7 +67,8 @@ def test_trace_counts_every_layer():
     model = tiny_llama("sdpa")
     prompt, _ = prompt_batch([40, 33, 37])
     with torch.no_grad():
-        state = DecoderLoop(model).run(TokenState.from_prompt(prompt, N_LAYERS), NoPruning(), ctx_for(model))
+        dense = NoPruning().bind(N_LAYERS, N_IMAGE)
+        state = DecoderLoop(model).run(TokenState.from_prompt(prompt, N_LAYERS), dense, ctx_for(model))
     assert state.trace.image_per_layer.tolist() == [[N_IMAGE] * N_LAYERS] * 3
     assert state.trace.tokens_per_layer.tolist() == [[40] * N_LAYERS, [33] * N_LAYERS, [37] * N_LAYERS]
 

@@ -62,8 +62,7 @@ def eager_model():
 def test_analytic_llm_flops_equal_flop_counter(eager_model, method):
     loaded, batch = eager_model
     model = loaded.model
-    m = method()
-    m.validate(model.num_layers, model.n_image_tokens)
+    m = method().bind(model.num_layers, model.n_image_tokens)
     with torch.no_grad():
         image_tokens, _ = model.encode_image(batch["clip_pixels"])
         prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
@@ -88,8 +87,7 @@ def test_fvcore_breakdown_counts_sdpa_and_matches_the_analytic_llm(method):
 
     loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
     batch = loaded.processor.collate([ShapesDataset(split="val", n=1)[0]])
-    m = method()
-    m.validate(8, 256)
+    m = method().bind(8, 256)
     result = breakdown(loaded.model, m, batch)
     with torch.no_grad():
         state, _ = run_llm(loaded.model, batch, m)

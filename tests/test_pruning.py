@@ -3,6 +3,8 @@ here from transformers' layers, eager attention matrices, and hand-worked schedu
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +14,13 @@ from transformers import LlamaModel
 from cspexp.data.shapes import ShapesDataset
 from cspexp.models.factory import llm_config
 from cspexp.models.lisa import IMAGE, PAD
-from cspexp.pruning.engine import TokenState
+from cspexp.pruning.engine import Observer, TokenState
 from cspexp.pruning.methods import (
     ClusterScatterPrune,
     FastV,
     NoPruning,
+    PruningMethod,
+    PruningSpec,
     PyramidDrop,
     RandomDrop,
     UniformDrop,
@@ -25,7 +29,7 @@ from cspexp.pruning.methods import (
 from cspexp.pruning.pipeline import run_llm, segment
 from cspexp.pruning.scoring import query_attention
 from cspexp.pruning.selection import instance_quotas, seg_first_select, uniform_grid
-from cspexp.utils.errors import CspexpError
+from cspexp.utils.errors import ConfigError, CspexpError
 from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR
@@ -41,9 +45,8 @@ def tiny():
     return loaded, [ds[i] for i in range(3)]
 
 
-def ready(method):
-    method.validate(L, N)
-    return method
+def ready(spec):
+    return spec.bind(L, N)
 
 
 def csp(**kw):
@@ -52,18 +55,13 @@ def csp(**kw):
     return ClusterScatterPrune(cluster=cluster, scatter=scatter, **kw)
 
 
-class Recorder:
-    """Wraps a method and records the original positions present before every layer."""
+class Recorder(Observer):
+    """Records the original positions present before every layer."""
 
-    def __init__(self, method):
-        self.method, self.positions = method, []
-        self.needs_cls_attention = method.needs_cls_attention
-
-    def setup(self, state, ctx):
-        self.method.setup(state, ctx)
+    def __init__(self):
+        self.positions = []
 
     def before_layer(self, layer, state, ctx):
-        self.method.before_layer(layer, state, ctx)
         self.positions.append(state.pos.clone())
 
 
@@ -84,7 +82,7 @@ def test_methods_that_remove_nothing_equal_none(tiny, method):
     loaded, items = tiny
     batch = loaded.processor.collate(items)
     with torch.no_grad():
-        dense = segment(loaded.model, batch, NoPruning())
+        dense = segment(loaded.model, batch, ready(NoPruning()))
         out = segment(loaded.model, batch, ready(method()))
     assert torch.allclose(out.seg_embeds, dense.seg_embeds, atol=1e-5)
     for a, b in zip(out.masks, dense.masks):
@@ -124,9 +122,9 @@ def masked_reference(model, batch, positions):
 def test_physical_drop_equals_masking(tiny, method):
     loaded, items = tiny
     batch = loaded.processor.collate(items)
-    rec = Recorder(ready(method()))
+    rec = Recorder()
     with torch.no_grad():
-        state, _ = run_llm(loaded.model, batch, rec)
+        state, _ = run_llm(loaded.model, batch, ready(method()), observers=[rec])
         ref_h, ref_pos = masked_reference(loaded.model, batch, rec.positions)
     assert state.n_image < N  # something was dropped
     for b in range(3):
@@ -216,9 +214,9 @@ def test_batch_of_three_equals_three_single_runs(tiny, method):
 
 # --------------------------------------------------------------------------- (f) seeds
 def kept_positions(loaded, items, method):
-    rec = Recorder(ready(method))
+    rec = Recorder()
     with torch.no_grad():
-        run_llm(loaded.model, loaded.processor.collate(items), rec)
+        run_llm(loaded.model, loaded.processor.collate(items), ready(method), observers=[rec])
     return rec.positions[-1]
 
 
@@ -285,10 +283,106 @@ def test_uniform_grid_is_a_2d_stride():
         (lambda: PyramidDrop(layers=[6, 2]), "increasing"),
         (lambda: VisualTokenWithdrawal(layer=12), "outside the model's layers"),
         (lambda: RandomDrop(layer=8), "below the model's depth"),
-        (lambda: FastV(query="middle"), "prune.query"),
+        (lambda: FastV(query="middle"), "prune.query='middle' is not allowed; use one of ['seg', 'seg_token', 'last', "
+                                        "'text_mean']"),
+        (lambda: csp(cluster={"select": "bogus"}), "prune.cluster.select='bogus' is not allowed; use one of "
+                                                   "['uniform', 'random', 'cls_attn', 'seg_first']"),
+        (lambda: csp(cluster={"assign": "nearest"}), "prune.cluster.assign='nearest' is not allowed; use one of "
+                                                     "['grid', 'feature']"),
+        (lambda: csp(cluster={"segmenter": "sam"}), "prune.cluster.segmenter='sam' is not allowed; use one of "
+                                                    "['superpixel', 'yolo']"),
+        (lambda: csp(scatter={"mode": "mean"}), "prune.scatter.mode='mean' is not allowed; use one of "
+                                                "['residual', 'copy', 'reset']"),
+        (lambda: PyramidDrop(query="first"), "prune.query='first' is not allowed"),
     ],
 )
 def test_bad_schedules_are_rejected_with_the_key(make, message):
     with pytest.raises(CspexpError) as err:
         ready(make())
     assert message in str(err.value)
+
+
+# --------------------------------------------------------------------------- (i) spec → bound method
+# The default schedule of every conf/prune option on 8 layers and 256 image tokens, worked by hand.
+DEFAULT_COUNTS = {
+    "none": [256] * 8,
+    "csp": [64, 64, 256, 256] + [26] * 4,  # spans [0, 2) / [2, 4); ⌊0.25·256⌋ = 64; ⌈0.1·256⌉ = 26
+    "fastv": [256, 256] + [128] * 6,
+    "pdrop": [256, 256, 128, 128, 64, 64, 32, 32],  # layers 2, 4, 6
+    "random": [256, 256] + [128] * 6,
+    "uniform": [256, 256] + [128] * 6,
+    "vtw": [256] * 5 + [0] * 3,  # ⌊0.625·8 + 0.5⌋ = 5
+}
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "prune").glob("*.yaml")))
+def test_binding_a_configured_spec_returns_a_ready_method(tiny, option):
+    """A config builds a spec that cannot run; `bind` returns the method, which runs its schedule on
+    any number of batches (nothing of one batch carries into the next)."""
+    loaded, items = tiny
+    spec = build(OmegaConf.load(CONF_DIR / "prune" / f"{option}.yaml"))
+    assert isinstance(spec, PruningSpec) and not hasattr(spec, "setup") and not hasattr(spec, "before_layer")
+    method = spec.bind(L, N)
+    assert isinstance(method, PruningMethod) and method.spec is spec
+    assert (method.name, method.needs_cls_attention, method.describe()) == (option, False, spec.describe())
+    with torch.no_grad():
+        first, _ = run_llm(loaded.model, loaded.processor.collate(items), method)
+        again, _ = run_llm(loaded.model, loaded.processor.collate(items[:1]), method)
+    assert first.trace.image_per_layer.tolist() == [DEFAULT_COUNTS[option]] * 3
+    assert again.trace.image_per_layer.tolist() == [DEFAULT_COUNTS[option]]
+
+
+def test_an_unbound_spec_cannot_run_and_a_spec_does_not_change(tiny):
+    loaded, items = tiny
+    batch = loaded.processor.collate(items[:1])
+    for spec in (NoPruning(), csp(keep=0.3)):
+        with pytest.raises(AttributeError, match=r"is a pruning spec, not bound to a model: it has no setup; run "
+                                                 r"spec\.bind\(num_layers, n_image_tokens\)"):
+            segment(loaded.model, batch, spec)
+    spec = FastV(keep=0.5, layer=6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.keep = 0.2
+    # a shape the schedule does not fit is refused; the spec still binds to one it fits
+    with pytest.raises(ConfigError, match="prune.layer=6 is outside the model's layers 0..4"):
+        spec.bind(4, N)
+    with torch.no_grad():
+        state, _ = run_llm(loaded.model, batch, spec.bind(L, N))
+    assert state.trace.image_per_layer.tolist() == [[256] * 6 + [128] * 2]
+
+
+class KeptCells(Observer):
+    """The grid cells of the image tokens entering every layer, per sample."""
+
+    def on_setup(self, state, ctx):
+        self.cells = []
+
+    def before_layer(self, layer, state, ctx):
+        image = state.kind == IMAGE
+        self.cells.append([sorted(state.grid[b][image[b]].tolist()) for b in range(state.batch_size)])
+
+    def after_run(self, state):
+        self.final_kind = state.kind.clone()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda: csp(keep=0.3, cluster={"select": "random", "assign": "feature"}),
+        lambda: PyramidDrop(keep=0.5, query="text_mean"),
+    ],
+    ids=["csp_random_feature", "pdrop"],
+)
+def test_an_observer_sees_the_traced_tokens_and_leaves_the_masks_alone(tiny, method):
+    loaded, items = tiny
+    batch = loaded.processor.collate(items)
+    observer = KeptCells()
+    with torch.no_grad():
+        plain = segment(loaded.model, batch, ready(method()))
+        watched = segment(loaded.model, batch, ready(method()), observers=[observer])
+    counts = [[len(cells) for cells in layer] for layer in observer.cells]
+    assert counts == watched.trace.image_per_layer.T.tolist() == plain.trace.image_per_layer.T.tolist()
+    assert all(len(set(cells)) == len(cells) for layer in observer.cells for cells in layer)
+    assert torch.equal(observer.final_kind, watched.state.kind)
+    assert torch.equal(watched.seg_embeds, plain.seg_embeds)
+    for a, b in zip(watched.masks, plain.masks, strict=True):
+        assert torch.equal(a, b)

@@ -83,8 +83,8 @@ def sweep_jobs(params: dict, args: list[str] = ()) -> list[list[str]]:
 
 def check_schedule(cfg) -> None:
     """The method builds and its schedule fits the configured model and a 32-layer LISA-7B."""
-    build(cfg.prune).validate(*model_shape(cfg.model))
-    build(cfg.prune).validate(32, 256)
+    build(cfg.prune).bind(*model_shape(cfg.model))
+    build(cfg.prune).bind(32, 256)
 
 
 # --------------------------------------------------------------------------- the default grid

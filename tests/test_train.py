@@ -44,7 +44,7 @@ def test_dice_and_bce_on_hand_worked_masks():
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     loaded = tiny()
-    module = TrainModule(loaded, NoPruning())
+    module = TrainModule(loaded, NoPruning().bind(loaded.model.num_layers, loaded.model.n_image_tokens))
     batch = loaded.processor.collate([ShapesDataset(split="train", n=4)[i] for i in range(4)])
     opt = torch.optim.AdamW(loaded.model.parameters(), lr=2e-3)
     loaded.model.train()
@@ -65,7 +65,7 @@ def test_answer_ce_predicts_the_answer_tokens():
     loaded = tiny()
     batch = loaded.processor.collate([ShapesDataset(split="train", n=2)[i] for i in range(2)])
     with torch.no_grad():
-        out = segment(loaded.model, batch, NoPruning())
+        out = segment(loaded.model, batch, NoPruning().bind(loaded.model.num_layers, loaded.model.n_image_tokens))
         ce = answer_ce(loaded.model, out, batch)
         # independent: full logits from transformers' own forward on the spliced sequence
         image_tokens, _ = loaded.model.encode_image(batch["clip_pixels"])
@@ -90,7 +90,8 @@ def test_prompt_lm_ce_is_next_token_ce_over_the_user_turn():
     batch = loaded.processor.collate(items)
     assert batch["attention_mask"].sum(1).unique().numel() == 2  # rows of different lengths: padding
     with torch.no_grad():
-        lm = prompt_lm_ce(loaded.model, segment(loaded.model, batch, NoPruning()), batch)
+        dense = NoPruning().bind(loaded.model.num_layers, loaded.model.n_image_tokens)
+        lm = prompt_lm_ce(loaded.model, segment(loaded.model, batch, dense), batch)
         image_tokens, _ = loaded.model.encode_image(batch["clip_pixels"])
         prompt = loaded.model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
         logits = loaded.model.llm(inputs_embeds=prompt.embeds, attention_mask=(prompt.kind != 3).long()).logits
@@ -150,7 +151,7 @@ def test_click_and_match_losses_train_what_they_should():
     loaded = tiny()
     model = loaded.model
     batch = _one_image_batch(loaded, [(10, 20), (11, 20)])
-    out = segment(model, batch, NoPruning())
+    out = segment(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
     bce, dice = point_prompt_losses(model, out.image_embeddings, batch)
     model.zero_grad()
     (bce + dice).backward()
@@ -159,7 +160,7 @@ def test_click_and_match_losses_train_what_they_should():
     assert grad("sam.mask_decoder") > 0 and grad("sam.vision_encoder") > 0
     assert grad("llm.") == 0 and grad("text_hidden_fcs.") == 0
     model.zero_grad()
-    out = segment(model, batch, NoPruning())
+    out = segment(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
     prompt_match_loss(model, out.seg_embeds, batch).backward()
     assert grad("text_hidden_fcs.") > 0 and grad("llm.") > 0 and grad("sam.") == 0
     with torch.no_grad():
@@ -208,9 +209,9 @@ def test_lora_adapts_only_the_named_modules():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
     with torch.no_grad():
-        before = segment(model, batch, NoPruning()).seg_embeds
+        before = segment(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens)).seg_embeds
         merge_lora(model)
-        after = segment(model, batch, NoPruning()).seg_embeds
+        after = segment(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens)).seg_embeds
     assert torch.allclose(before, after, atol=1e-5)
     assert set(model.state_dict()) == set(tiny().model.state_dict())
     with pytest.raises(Exception, match="not modules of the LLM"):
@@ -285,7 +286,8 @@ def test_suffix_states_are_the_template_words_after_the_query():
     data = ShapesDataset(split="val", n=6)
     batch = loaded.processor.collate([data[i] for i in range(6)])
     assert len(set(batch["query_kinds"])) > 1  # phrase and sentence templates both present
-    state, query_hidden = run_llm(loaded.model, batch, NoPruning())
+    dense = NoPruning().bind(loaded.model.num_layers, loaded.model.n_image_tokens)
+    state, query_hidden = run_llm(loaded.model, batch, dense)
     got = suffix_states(state)
     assert torch.equal(got[:, -1], query_hidden)
     words = "please output segmentation mask . assistant :".split()
@@ -307,7 +309,7 @@ def test_describe_trains_the_llm_side_only():
     loaded = tiny()
     model = loaded.model
     batch = loaded.processor.collate([ShapesDataset(split="val", n=2)[i] for i in range(2)])
-    out = segment(model, batch, NoPruning())
+    out = segment(model, batch, NoPruning().bind(model.num_layers, model.n_image_tokens))
     head = torch.nn.Linear(model.llm.config.hidden_size, 5)
     loss, _ = describe_loss(head, suffix_states(out.state), batch)
     loss.backward()

@@ -202,8 +202,7 @@ class TrainModule(L.LightningModule):
         self.recall_head = torch.nn.Linear(d, self.model.llm.config.vocab_size) if self.weights["recall"] else None
         # cspexp.lit.attend: the first `text_only_steps` steps withdraw every image token before layer 0.
         self.text_only_steps = int(text_only_steps)
-        self.text_only = VisualTokenWithdrawal(layer=0)
-        self.text_only.validate(self.model.num_layers, self.model.n_image_tokens)
+        self.text_only = VisualTokenWithdrawal(layer=0).bind(self.model.num_layers, self.model.n_image_tokens)
         self.attend_layers, self.attend_head = [int(x) for x in attend_layers], int(attend_head)
         self.anchor_layers, self.anchor_head = [int(x) for x in anchor_layers], int(anchor_head)
         n_layers, n_heads = self.model.num_layers, self.model.llm.config.num_attention_heads

@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from cspexp.models.lisa import IMAGE, PAD, PromptEmbeds
+from cspexp.utils.choices import check_value
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+#: The attention implementations the loop builds masks for (`attention_mask`).
+AttentionImplementation = Literal["sdpa", "eager"]
 
 
 @dataclass
@@ -165,7 +167,7 @@ def _gather_rows(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, columns[..., None].expand(*columns.shape, x.shape[-1]))
 
 
-def attention_mask(state: TokenState, implementation: str) -> torch.Tensor | None:
+def attention_mask(state: TokenState, implementation: AttentionImplementation) -> torch.Tensor | None:
     """The attention mask for the current sequence.
 
     Allowed: key position ≤ query position, key not padding; every token also sees itself, so a
@@ -239,11 +241,7 @@ class DecoderLoop:
     def __init__(self, llama_model) -> None:
         self.model = llama_model  # transformers LlamaModel: .layers, .norm, .rotary_emb
         self.implementation = llama_model.config._attn_implementation or "sdpa"
-        if self.implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"attention implementation {self.implementation!r} is not supported by the decoder loop; "
-                f"use one of {SUPPORTED_ATTENTION}"
-            )
+        check_value(self.implementation, AttentionImplementation, "model.attn_implementation")
 
     @property
     def num_layers(self) -> int:

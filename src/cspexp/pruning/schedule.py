@@ -41,7 +41,8 @@ def n_keep(fraction: float, n: int) -> int:
     return min(n, max(1, math.ceil(round(fraction * n, 6))))
 
 
-def check_fraction(value, key: str, low_open: bool = True) -> float:
+def check_fraction(value, key: str) -> float:
+    """`value` as a float in (0, 1]; raise ConfigError naming `key` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
         raise ConfigError(f"{key}={value!r} is outside (0, 1]")
     return float(value)

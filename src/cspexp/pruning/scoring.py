@@ -9,27 +9,23 @@ the real attention), then averaged over heads and over the query tokens.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from cspexp.models.lisa import PAD, TEXT
-from cspexp.utils.errors import ConfigError
+from cspexp.utils.choices import check_value
 
-QUERIES = ("seg", "seg_token", "last", "text_mean")
-QUERY_HELP = (
-    "seg (the token whose final state is the [SEG] embedding), seg_token ([SEG] itself), "
-    "last (the last token), text_mean (mean over the text tokens up to the seg query)"
-)
-
-
-def check_query(query: str) -> None:
-    if query not in QUERIES:
-        raise ConfigError(f"prune.query={query!r} is not allowed; use one of {list(QUERIES)}: {QUERY_HELP}")
+#: Whose attention ranks the image tokens: seg (the token whose final state is the [SEG] embedding),
+#: seg_token ([SEG] itself), last (the last token), text_mean (mean over the text tokens up to the
+#: seg query).
+Query = Literal["seg", "seg_token", "last", "text_mean"]
 
 
-def query_mask(state, query: str) -> torch.Tensor:
+def query_mask(state, query: Query) -> torch.Tensor:
     """[B, n] bool: the query tokens of each row."""
-    check_query(query)
+    check_value(query, Query, "prune.query")  # the last branch below would take any other name for text_mean
     cols = torch.arange(state.pos.shape[1], device=state.pos.device)
     if query == "seg":
         return state.pos == state.query_pos[:, None]
@@ -42,7 +38,7 @@ def query_mask(state, query: str) -> torch.Tensor:
     return (state.kind == TEXT) & (state.pos <= state.query_pos[:, None])
 
 
-def query_attention(layer, rotary_emb, state, query: str = "seg", head: int | None = None) -> torch.Tensor:
+def query_attention(layer, rotary_emb, state, query: Query = "seg", head: int | None = None) -> torch.Tensor:
     """Mean attention [B, n_image] that the query tokens pay to each image token at `layer`,
     computed from `state` as the layer's input (query tokens averaged; heads averaged, or only
     `head`'s row when given — training supervises one head, see `cspexp.lit.attend`)."""

@@ -11,12 +11,14 @@ grid cell takes the majority label of its pixels.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from cspexp.utils.choices import check_value
 from cspexp.utils.errors import ConfigError, MissingPathError
 
-SEGMENTERS = ("superpixel", "yolo")
+Segmenter = Literal["superpixel", "yolo"]
 
 
 def centre_crop(labels: np.ndarray) -> np.ndarray:
@@ -84,11 +86,10 @@ class YoloInstances:
         return labels
 
 
-def build_segmenter(name: str, yolo_weights: str | None, n_segments: int):
+def build_segmenter(name: Segmenter, yolo_weights: str | None, n_segments: int):
+    check_value(name, Segmenter, "prune.cluster.segmenter")
     if name == "superpixel":
         return Superpixels(n_segments=n_segments)
-    if name == "yolo":
-        if not yolo_weights:
-            raise ConfigError("prune.cluster.segmenter=yolo needs prune.cluster.yolo_weights=<path to *-seg.pt>")
-        return YoloInstances(yolo_weights)
-    raise ConfigError(f"prune.cluster.segmenter={name!r} is not allowed; use one of {list(SEGMENTERS)}")
+    if not yolo_weights:
+        raise ConfigError("prune.cluster.segmenter=yolo needs prune.cluster.yolo_weights=<path to *-seg.pt>")
+    return YoloInstances(yolo_weights)

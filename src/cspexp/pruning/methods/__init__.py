@@ -1,6 +1,7 @@
-"""Pruning methods. Each is selected by a `conf/prune/*.yaml` whose `_target_` names its class."""
+"""Pruning methods. Each is selected by a `conf/prune/*.yaml` whose `_target_` names its spec class
+(a `PruningSpec`); ``spec.bind(num_layers, n_image)`` returns the `PruningMethod` the decoder loop runs."""
 
-from cspexp.pruning.methods.base import NoPruning, PruningContext, PruningMethod
+from cspexp.pruning.methods.base import NoPruning, PruningContext, PruningMethod, PruningSpec
 from cspexp.pruning.methods.csp import ClusterScatterPrune
 from cspexp.pruning.methods.fastv import FastV
 from cspexp.pruning.methods.pdrop import PyramidDrop
@@ -13,6 +14,7 @@ __all__ = [
     "NoPruning",
     "PruningContext",
     "PruningMethod",
+    "PruningSpec",
     "PyramidDrop",
     "RandomDrop",
     "UniformDrop",

@@ -1,15 +1,17 @@
-"""The interface every pruning method implements, and the dense reference `none`."""
+"""The two halves of every pruning method — the spec a config builds and the method it binds to a
+model's shape — and the dense reference `none`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 
 from cspexp.models.lisa import PAD
 from cspexp.pruning.scoring import query_attention, query_mask
 from cspexp.pruning.selection import indices_to_mask, topk_indices
+from cspexp.utils.choices import check_call
 from cspexp.utils.errors import require
 
 
@@ -26,28 +28,69 @@ class PruningContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class PruningMethod:
-    """A token-pruning schedule applied inside the LLM's layer loop.
+@dataclass(frozen=True)
+class PruningSpec:
+    """A pruning method's settings: what ``conf/prune/*.yaml`` instantiates.
 
-    Lifecycle: ``validate(num_layers, n_image)`` once at start-up, before any model is loaded (so a
-    bad schedule fails in a second, not after a 7B load); then per batch ``setup(state, ctx)`` and
-    ``before_layer(l, state, ctx)`` for every layer l. A method edits the state through
-    `TokenState.drop_image` / `TokenState.insert`; the engine rebuilds mask and RoPE.
+    Checked when it is constructed — the allowed values of its `Literal` fields (see
+    `cspexp.utils.choices`) and its ranges — and immutable after. It does not run: ``bind(num_layers,
+    n_image)`` checks the schedule against a model's depth and image-token count, once at start-up
+    before any model is loaded (so a bad schedule fails in a second, not after a 7B load), and returns
+    the `PruningMethod` the decoder loop calls.
 
     Args:
         keep: the fraction of image tokens the method's main pruning step keeps, in (0, 1].
     """
 
-    name = "base"
+    name: ClassVar[str] = "base"
     #: whether the method needs the CLIP [CLS] attention in the context
-    needs_cls_attention = False
+    needs_cls_attention: ClassVar[bool] = False
 
-    def __init__(self, keep: float = 1.0) -> None:
+    keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_call(type(self), {f.name: getattr(self, f.name) for f in fields(self)}, "prune")
+        keep = self.keep
         require(isinstance(keep, (int, float)) and 0.0 < float(keep) <= 1.0, f"prune.keep={keep!r} is outside (0, 1]")
-        self.keep = float(keep)
+        self._set(keep=float(keep))
 
-    def validate(self, num_layers: int, n_image: int) -> None:
-        """Check the schedule against the model's depth and image-token count; raise ConfigError."""
+    def _set(self, **values) -> None:
+        """Normalise fields in `__post_init__` (the dataclass is frozen)."""
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def bind(self, num_layers: int, n_image: int) -> PruningMethod:
+        """The method for a model with `num_layers` decoder layers and `n_image` image tokens; raises
+        ConfigError if the schedule does not fit."""
+        return PruningMethod(self, num_layers, n_image)
+
+    def describe(self) -> dict:
+        """The schedule's parameters, for results.json and tables."""
+        return {"name": self.name, "keep": self.keep}
+
+    def __getattr__(self, attr: str):
+        if attr in ("setup", "before_layer"):
+            raise AttributeError(
+                f"{type(self).__name__} is a pruning spec, not bound to a model: it has no {attr}; run "
+                f"spec.bind(num_layers, n_image_tokens), which checks the schedule and returns the method to run"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+
+class PruningMethod:
+    """A `PruningSpec` bound to a model's shape, ready to run: its constructor resolves and checks
+    the schedule and sets every field the hooks read. Per batch the decoder loop calls
+    ``setup(state, ctx)`` and then ``before_layer(l, state, ctx)`` for every layer l. A method edits
+    the state through `TokenState.drop_image` / `TokenState.insert`; the engine rebuilds mask and RoPE.
+
+    This base class is the dense pass (`NoPruning.bind`): its hooks do nothing.
+    """
+
+    def __init__(self, spec: PruningSpec, num_layers: int, n_image: int) -> None:
+        self.spec, self.num_layers, self.n_image = spec, num_layers, n_image
+        self.name = spec.name
+        self.needs_cls_attention = spec.needs_cls_attention
+        self.keep = spec.keep
 
     def setup(self, state, ctx: PruningContext) -> None:
         """Called once per batch before layer 0."""
@@ -56,14 +99,15 @@ class PruningMethod:
         """Called before every decoder layer."""
 
     def describe(self) -> dict:
-        """The schedule's parameters, for results.json and tables."""
-        return {"name": self.name, "keep": self.keep}
+        """The spec's parameters, for results.json and tables."""
+        return self.spec.describe()
 
 
-class NoPruning(PruningMethod):
+@dataclass(frozen=True)
+class NoPruning(PruningSpec):
     """The dense model: every image token passes every layer."""
 
-    name = "none"
+    name: ClassVar[str] = "none"
 
 
 def score_image_tokens(layer: int, state, ctx: PruningContext, query: str) -> torch.Tensor:

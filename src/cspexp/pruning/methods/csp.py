@@ -1,7 +1,8 @@
 """LVLM_CSP — Chen et al., "LVLM_CSP: Accelerating Large Vision Language Models via Clustering,
 Scattering, and Pruning for Reasoning Segmentation", arXiv:2504.10854 (2025).
 
-Three consecutive stages over the decoder (defaults from DESIGN §5; the paper leaves them open):
+Three consecutive stages over the decoder (the paper leaves the stage boundaries open; the defaults
+below are ours):
 
 1. **clustering** ``cluster.span`` = [0, 0.25): only N_c = ⌊cluster.ratio · N⌋ representative image
    tokens enter (``cluster.select``: uniform 2-D stride, seeded random, CLIP [CLS] attention, or
@@ -20,13 +21,17 @@ With L = 32, N = 256: 8 layers × 64 + 8 × 256 + 16 × 26 image tokens (keep 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
 import torch
 
 from cspexp.pruning.engine import Tokens
-from cspexp.pruning.methods.base import PruningMethod, keep_top, sample_ids, score_image_tokens
+from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, sample_ids, score_image_tokens
 from cspexp.pruning.schedule import check_fraction, n_keep, resolve_span
-from cspexp.pruning.scoring import check_query
-from cspexp.pruning.segmenters import SEGMENTERS, build_segmenter, labels_to_grid
+from cspexp.pruning.scoring import Query
+from cspexp.pruning.segmenters import Segmenter, build_segmenter, labels_to_grid
 from cspexp.pruning.selection import (
     assign_feature,
     assign_grid,
@@ -39,11 +44,32 @@ from cspexp.pruning.selection import (
 )
 from cspexp.utils.errors import ConfigError
 
-SELECT = ("uniform", "random", "cls_attn", "seg_first")
-ASSIGN = ("grid", "feature")
-SCATTER = ("residual", "copy", "reset")
+Select = Literal["uniform", "random", "cls_attn", "seg_first"]
+Assign = Literal["grid", "feature"]
+ScatterMode = Literal["residual", "copy", "reset"]
 
-CLUSTER_DEFAULTS = {
+
+class ClusterSettings(TypedDict, total=False):
+    """``prune.cluster``: the clustering stage."""
+
+    span: Sequence[int | float]  # [start, end) in layers or fractions of depth
+    ratio: float  # N_c = ⌊ratio·N⌋ representatives
+    select: Select  # how the representatives are chosen
+    assign: Assign  # how the other tokens join a representative
+    seed: int  # select=random
+    segmenter: Segmenter  # select=seg_first
+    yolo_weights: str | None  # segmenter=yolo
+    n_segments: int  # segmenter=superpixel
+
+
+class ScatterSettings(TypedDict, total=False):
+    """``prune.scatter``: the scattering stage."""
+
+    span: Sequence[int | float]  # parked tokens return at its start; pruning starts at its end
+    mode: ScatterMode  # what the returning tokens hold
+
+
+CLUSTER_DEFAULTS: ClusterSettings = {
     "span": [0.0, 0.25],
     "ratio": 0.25,
     "select": "uniform",
@@ -53,51 +79,65 @@ CLUSTER_DEFAULTS = {
     "yolo_weights": None,
     "n_segments": 16,
 }
-SCATTER_DEFAULTS = {"span": [0.25, 0.5], "mode": "residual"}
+SCATTER_DEFAULTS: ScatterSettings = {"span": [0.25, 0.5], "mode": "residual"}
 
 
-def _choice(value, allowed, key: str) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}")
-    return value
-
-
-class ClusterScatterPrune(PruningMethod):
+@dataclass(frozen=True)
+class ClusterScatterPrune(PruningSpec):
     """Args: keep (fraction kept by the pruning stage), query (whose attention ranks tokens for
-    pruning), cluster / scatter (dicts; keys as in ``conf/prune/csp.yaml``)."""
+    pruning), cluster / scatter (dicts; keys as in ``conf/prune/csp.yaml``, missing ones take the
+    defaults above)."""
 
     name = "csp"
 
-    def __init__(self, keep: float = 0.1, query: str = "seg", cluster: dict | None = None,
-                 scatter: dict | None = None) -> None:
-        super().__init__(keep)
-        check_query(query)
-        self.query = query
-        unknown = set(cluster or {}) - CLUSTER_DEFAULTS.keys()
-        unknown |= {f"scatter.{k}" for k in set(scatter or {}) - SCATTER_DEFAULTS.keys()}
+    keep: float = 0.1
+    query: Query = "seg"
+    cluster: ClusterSettings | None = None
+    scatter: ScatterSettings | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cluster, scatter = self.cluster or {}, self.scatter or {}
+        unknown = set(cluster) - CLUSTER_DEFAULTS.keys()
+        unknown |= {f"scatter.{k}" for k in set(scatter) - SCATTER_DEFAULTS.keys()}
         if unknown:
             raise ConfigError(f"unknown csp settings {sorted(unknown)}; cluster has {sorted(CLUSTER_DEFAULTS)}, "
                               f"scatter has {sorted(SCATTER_DEFAULTS)}")
-        self.cluster = {**CLUSTER_DEFAULTS, **(cluster or {})}
-        self.scatter = {**SCATTER_DEFAULTS, **(scatter or {})}
-        c, s = self.cluster, self.scatter
-        self.ratio = check_fraction(c["ratio"], "prune.cluster.ratio")
-        self.select = _choice(c["select"], SELECT, "prune.cluster.select")
-        self.assign = _choice(c["assign"], ASSIGN, "prune.cluster.assign")
-        self.mode = _choice(s["mode"], SCATTER, "prune.scatter.mode")
-        self.segmenter = None
-        if self.select == "seg_first":
-            _choice(c["segmenter"], SEGMENTERS, "prune.cluster.segmenter")
-            if c["segmenter"] == "yolo" and not c["yolo_weights"]:
-                raise ConfigError("prune.cluster.select=seg_first with segmenter=yolo needs prune.cluster.yolo_weights=<path>")
+        self._set(cluster={**CLUSTER_DEFAULTS, **cluster}, scatter={**SCATTER_DEFAULTS, **scatter})
+        check_fraction(self.cluster["ratio"], "prune.cluster.ratio")
+        if self.select == "seg_first" and self.cluster["segmenter"] == "yolo" and not self.cluster["yolo_weights"]:
+            raise ConfigError("prune.cluster.select=seg_first with segmenter=yolo needs prune.cluster.yolo_weights=<path>")
+
+    @property
+    def ratio(self) -> float:
+        return float(self.cluster["ratio"])
+
+    @property
+    def select(self) -> Select:
+        return self.cluster["select"]
 
     @property
     def needs_cls_attention(self) -> bool:
         return self.select == "cls_attn"
 
-    def validate(self, num_layers: int, n_image: int) -> None:
-        c0, c1 = resolve_span(self.cluster["span"], num_layers, "prune.cluster.span")
-        s0, s1 = resolve_span(self.scatter["span"], num_layers, "prune.scatter.span")
+    def bind(self, num_layers: int, n_image: int) -> BoundClusterScatterPrune:
+        return BoundClusterScatterPrune(self, num_layers, n_image)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "keep": self.keep,
+            "query": self.query,
+            "cluster": {k: v for k, v in self.cluster.items()},
+            "scatter": dict(self.scatter),
+        }
+
+
+class BoundClusterScatterPrune(PruningMethod):
+    def __init__(self, spec: ClusterScatterPrune, num_layers: int, n_image: int) -> None:
+        super().__init__(spec, num_layers, n_image)
+        c0, c1 = resolve_span(spec.cluster["span"], num_layers, "prune.cluster.span")
+        s0, s1 = resolve_span(spec.scatter["span"], num_layers, "prune.scatter.span")
         if s0 < c1:
             raise ConfigError(f"prune.cluster.span [{c0}, {c1}) and prune.scatter.span [{s0}, {s1}) overlap")
         if s0 > c1:
@@ -105,15 +145,20 @@ class ClusterScatterPrune(PruningMethod):
         if s1 == s0:
             raise ConfigError(f"prune.scatter.span [{s0}, {s1}) is empty: the pruning stage ranks tokens in the last "
                               "scattering layer, and parked tokens return there")
-        n_c = int(self.ratio * n_image + 1e-9)
+        ratio = spec.ratio
+        n_c = int(ratio * n_image + 1e-9)
         if n_c < 1:
-            raise ConfigError(f"prune.cluster.ratio={self.ratio} gives N_c = ⌊{self.ratio}·{n_image}⌋ = 0 < 1 representative")
-        self.c0, self.c1, self.s1, self.num_layers = c0, c1, s1, num_layers
-        self.n_c, self.n_image = n_c, n_image
-        self.n_keep = n_keep(self.keep, n_image)
-        if self.select == "seg_first" and self.segmenter is None:
-            self.segmenter = build_segmenter(self.cluster["segmenter"], self.cluster["yolo_weights"],
-                                             self.cluster["n_segments"])
+            raise ConfigError(f"prune.cluster.ratio={ratio} gives N_c = ⌊{ratio}·{n_image}⌋ = 0 < 1 representative")
+        self.c0, self.c1, self.s1 = c0, c1, s1
+        self.n_c = n_c
+        self.n_keep = n_keep(spec.keep, n_image)
+        self.query = spec.query
+        self.select, self.seed = spec.select, spec.cluster["seed"]
+        self.assign, self.mode = spec.cluster["assign"], spec.scatter["mode"]
+        self.segmenter = None
+        if self.select == "seg_first":
+            self.segmenter = build_segmenter(spec.cluster["segmenter"], spec.cluster["yolo_weights"],
+                                             spec.cluster["n_segments"])
 
     # ------------------------------------------------------------------ the schedule
     @property
@@ -142,7 +187,7 @@ class ClusterScatterPrune(PruningMethod):
         if self.select == "uniform":
             return uniform_grid(self.n_c, rows, cols).expand(B, -1)
         if self.select == "random":
-            return torch.stack([random_indices(self.n_c, N, sample_seed(self.cluster["seed"], i))
+            return torch.stack([random_indices(self.n_c, N, sample_seed(self.seed, i))
                                 for i in sample_ids(state, ctx)])
         if self.select == "cls_attn":
             if ctx.cls_attention is None:
@@ -193,12 +238,3 @@ class ClusterScatterPrune(PruningMethod):
         else:  # reset
             hidden = parked.hidden
         state.insert(Tokens(hidden=hidden, pos=parked.pos, kind=parked.kind, grid=parked.grid))
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "keep": self.keep,
-            "query": self.query,
-            "cluster": {k: v for k, v in self.cluster.items()},
-            "scatter": dict(self.scatter),
-        }

@@ -9,31 +9,43 @@ teacher-forced prompt the token that plays that role (the one that emits [SEG]) 
 
 from __future__ import annotations
 
-from cspexp.pruning.methods.base import PruningMethod, keep_top, score_image_tokens
+from dataclasses import dataclass
+
+from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, score_image_tokens
 from cspexp.pruning.schedule import n_keep, resolve_layer
-from cspexp.pruning.scoring import check_query
+from cspexp.pruning.scoring import Query
 from cspexp.utils.errors import ConfigError
 
 
-class FastV(PruningMethod):
+@dataclass(frozen=True)
+class FastV(PruningSpec):
     """Args: keep (fraction of image tokens kept after layer K), layer (K: index or fraction of
     depth), query (whose attention ranks the tokens; see `cspexp.pruning.scoring`)."""
 
     name = "fastv"
 
-    def __init__(self, keep: float = 0.5, layer: int | float = 2, query: str = "seg") -> None:
-        super().__init__(keep)
-        check_query(query)
-        self.layer_spec, self.query = layer, query
+    keep: float = 0.5
+    layer: int | float = 2
+    query: Query = "seg"
 
-    def validate(self, num_layers: int, n_image: int) -> None:
-        self.layer = resolve_layer(self.layer_spec, num_layers, "prune.layer")
+    def bind(self, num_layers: int, n_image: int) -> BoundFastV:
+        return BoundFastV(self, num_layers, n_image)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "keep": self.keep, "layer": self.layer, "query": self.query}
+
+
+class BoundFastV(PruningMethod):
+    def __init__(self, spec: FastV, num_layers: int, n_image: int) -> None:
+        super().__init__(spec, num_layers, n_image)
+        self.layer = resolve_layer(spec.layer, num_layers, "prune.layer")
         if not 1 <= self.layer <= num_layers - 1:
             raise ConfigError(
-                f"prune.layer={self.layer_spec} (layer {self.layer}) must be in 1..{num_layers - 1}: FastV "
+                f"prune.layer={spec.layer} (layer {self.layer}) must be in 1..{num_layers - 1}: FastV "
                 "ranks with layer K−1's attention and prunes before layer K (for K=0 use prune=random)"
             )
-        self.n_keep = n_keep(self.keep, n_image)
+        self.n_keep = n_keep(spec.keep, n_image)
+        self.query = spec.query
 
     def setup(self, state, ctx) -> None:
         state.extras["fastv_scores"] = None
@@ -43,6 +55,3 @@ class FastV(PruningMethod):
             state.extras["fastv_scores"] = score_image_tokens(layer, state, ctx, self.query)
         elif layer == self.layer:
             keep_top(state, state.extras.pop("fastv_scores"), self.n_keep)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "keep": self.keep, "layer": self.layer_spec, "query": self.query}

@@ -10,40 +10,54 @@ re-indexed after a drop (cspexp keeps original RoPE positions for every method).
 
 from __future__ import annotations
 
-from cspexp.pruning.methods.base import PruningMethod, keep_top, score_image_tokens
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, score_image_tokens
 from cspexp.pruning.schedule import n_keep, resolve_layer
-from cspexp.pruning.scoring import check_query
+from cspexp.pruning.scoring import Query
 from cspexp.utils.errors import ConfigError
 
 
-class PyramidDrop(PruningMethod):
+@dataclass(frozen=True)
+class PyramidDrop(PruningSpec):
     """Args: keep (λ, the fraction kept at each drop), layers (drop points: indices or fractions),
     query (whose attention ranks the tokens)."""
 
     name = "pdrop"
 
-    def __init__(self, keep: float = 0.5, layers=(0.25, 0.5, 0.75), query: str = "seg") -> None:
-        super().__init__(keep)
-        check_query(query)
-        self.layers_spec, self.query = list(layers), query
+    keep: float = 0.5
+    layers: Sequence[int | float] = (0.25, 0.5, 0.75)
+    query: Query = "seg"
 
-    def validate(self, num_layers: int, n_image: int) -> None:
-        layers = [resolve_layer(v, num_layers, f"prune.layers[{i}]") for i, v in enumerate(self.layers_spec)]
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set(layers=tuple(self.layers))
+
+    def bind(self, num_layers: int, n_image: int) -> BoundPyramidDrop:
+        return BoundPyramidDrop(self, num_layers, n_image)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "keep": self.keep, "layers": list(self.layers), "query": self.query}
+
+
+class BoundPyramidDrop(PruningMethod):
+    def __init__(self, spec: PyramidDrop, num_layers: int, n_image: int) -> None:
+        super().__init__(spec, num_layers, n_image)
+        layers_spec = list(spec.layers)
+        layers = [resolve_layer(v, num_layers, f"prune.layers[{i}]") for i, v in enumerate(layers_spec)]
         if not layers or any(not 1 <= l <= num_layers - 1 for l in layers) or layers != sorted(set(layers)):
             raise ConfigError(
-                f"prune.layers={self.layers_spec} resolves to {layers}: drop layers must be distinct, increasing "
+                f"prune.layers={layers_spec} resolves to {layers}: drop layers must be distinct, increasing "
                 f"and within 1..{num_layers - 1}"
             )
-        self.drop_layers = layers
         counts, n = [], n_image
         for _ in layers:
-            n = n_keep(self.keep, n)
+            n = n_keep(spec.keep, n)
             counts.append(n)
-        self.counts = dict(zip(layers, counts))
+        self.counts = dict(zip(layers, counts))  # drop layer → image tokens kept from it on
+        self.query = spec.query
 
     def before_layer(self, layer: int, state, ctx) -> None:
         if layer in self.counts:
             keep_top(state, score_image_tokens(layer, state, ctx, self.query), self.counts[layer])
-
-    def describe(self) -> dict:
-        return {"name": self.name, "keep": self.keep, "layers": self.layers_spec, "query": self.query}

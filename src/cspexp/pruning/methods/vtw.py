@@ -7,25 +7,33 @@ K = 0 means the LLM never sees the image. `prune.keep` has no effect: the method
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from cspexp.pruning.methods.base import PruningMethod
+from cspexp.pruning.methods.base import PruningMethod, PruningSpec
 from cspexp.pruning.schedule import resolve_layer
 
 
-class VisualTokenWithdrawal(PruningMethod):
+@dataclass(frozen=True)
+class VisualTokenWithdrawal(PruningSpec):
     name = "vtw"
 
-    def __init__(self, keep: float = 1.0, layer: int | float = 0.625) -> None:
-        super().__init__(keep)
-        self.layer_spec = layer
+    keep: float = 1.0
+    layer: int | float = 0.625
 
-    def validate(self, num_layers: int, n_image: int) -> None:
-        self.layer = resolve_layer(self.layer_spec, num_layers, "prune.layer")
+    def bind(self, num_layers: int, n_image: int) -> BoundVisualTokenWithdrawal:
+        return BoundVisualTokenWithdrawal(self, num_layers, n_image)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "keep": 0.0, "layer": self.layer}
+
+
+class BoundVisualTokenWithdrawal(PruningMethod):
+    def __init__(self, spec: VisualTokenWithdrawal, num_layers: int, n_image: int) -> None:
+        super().__init__(spec, num_layers, n_image)
+        self.layer = resolve_layer(spec.layer, num_layers, "prune.layer")
 
     def before_layer(self, layer: int, state, ctx) -> None:
         if layer == self.layer and state.n_image:
             state.drop_image(torch.zeros(state.batch_size, state.n_image, dtype=torch.bool, device=state.hidden.device))
-
-    def describe(self) -> dict:
-        return {"name": self.name, "keep": 0.0, "layer": self.layer_spec}
