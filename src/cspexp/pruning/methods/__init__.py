@@ -4,6 +4,7 @@
 from cspexp.pruning.methods.base import NoPruning, PruningContext, PruningMethod, PruningSpec
 from cspexp.pruning.methods.csp import ClusterScatterPrune
 from cspexp.pruning.methods.fastv import FastV
+from cspexp.pruning.methods.norm import NormDrop
 from cspexp.pruning.methods.pdrop import PyramidDrop
 from cspexp.pruning.methods.simple import RandomDrop, UniformDrop
 from cspexp.pruning.methods.vtw import VisualTokenWithdrawal
@@ -12,6 +13,7 @@ __all__ = [
     "ClusterScatterPrune",
     "FastV",
     "NoPruning",
+    "NormDrop",
     "PruningContext",
     "PruningMethod",
     "PruningSpec",
