@@ -26,15 +26,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cspexp.utils.choices import check_value
 from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError
 
 log = logging.getLogger(__name__)
 
-ON_ERROR = ("raise", "skip")
+OnError = Literal["raise", "skip"]
 # Orientation values 5-8 swap width and height (EXIF 2.3, tag 0x0112).
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)
@@ -64,9 +66,8 @@ class SampleReadError(ConfigError):
 class BadSamples:
     """Applies ``dataset.on_error`` to the bad samples found while a dataset is built."""
 
-    def __init__(self, on_error: str) -> None:
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"dataset.on_error={on_error!r} is not allowed; use one of {list(ON_ERROR)}")
+    def __init__(self, on_error: OnError) -> None:
+        check_value(on_error, OnError, "dataset.on_error")
         self.skip = on_error == "skip"
         self.items: list[dict] = []
 

@@ -21,14 +21,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from cspexp.data.files import BadSample, BadSamples, SampleReadError, decode_check, image_size, read_gray, read_rgb
+from cspexp.data.files import (
+    BadSample,
+    BadSamples,
+    OnError,
+    SampleReadError,
+    decode_check,
+    image_size,
+    read_gray,
+    read_rgb,
+)
+from cspexp.utils.choices import check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
-MASK_FORMATS = ("binary", "lisa")
+MaskFormat = Literal["binary", "lisa"]
 
 
 class FolderDataset(Dataset):
@@ -37,12 +48,11 @@ class FolderDataset(Dataset):
         root: str,
         annotations: str = "queries.jsonl",
         n: int | None = None,
-        mask_format: str = "binary",
+        mask_format: MaskFormat = "binary",
         split: str | None = None,
-        on_error: str = "raise",
+        on_error: OnError = "raise",
     ) -> None:
-        if mask_format not in MASK_FORMATS:
-            raise ConfigError(f"dataset.mask_format={mask_format!r} is not allowed; use one of {list(MASK_FORMATS)}")
+        check_call(FolderDataset, {"mask_format": mask_format}, "dataset")
         if n is not None and n < 1:
             raise ConfigError(f"dataset.n must be >= 1 or null, got {n}")
         self.bad_samples = BadSamples(on_error)

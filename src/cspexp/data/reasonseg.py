@@ -35,20 +35,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from cspexp.data import files
-from cspexp.data.files import BadSample, BadSamples, decode_check, image_size, read_json, read_rgb
+from cspexp.data.files import BadSample, BadSamples, OnError, decode_check, image_size, read_json, read_rgb
+from cspexp.utils.choices import check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("val", "test")
-QUERIES = ("all", "short", "long")
-TEXTS = ("first", "all")
+Split = Literal["val", "test"]
+QuerySelection = Literal["all", "short", "long"]
+Texts = Literal["first", "all"]
 IGNORE_VALUE = 255  # LISA's ignore_label
 
 
@@ -154,19 +156,14 @@ class ReasonSegDataset(Dataset):
     def __init__(
         self,
         root: str,
-        split: str = "val",
-        query: str = "all",
-        texts: str = "first",
+        split: Split = "val",
+        query: QuerySelection = "all",
+        texts: Texts = "first",
         n: int | None = None,
-        on_error: str = "raise",
+        on_error: OnError = "raise",
         rasterizer: str = "auto",
     ) -> None:
-        if split not in SPLITS:
-            raise ConfigError(f"dataset.split={split!r} is not allowed; use one of {list(SPLITS)}")
-        if query not in QUERIES:
-            raise ConfigError(f"dataset.query={query!r} is not allowed; use one of {list(QUERIES)}")
-        if texts not in TEXTS:
-            raise ConfigError(f"dataset.texts={texts!r} is not allowed; use one of {list(TEXTS)}")
+        check_call(ReasonSegDataset, {"split": split, "query": query, "texts": texts}, "dataset")
         if n is not None and int(n) < 1:
             raise ConfigError(f"dataset.n must be >= 1 or null, got {n}")
         self.bad_samples = BadSamples(on_error)

@@ -40,18 +40,20 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from cspexp.data import files
-from cspexp.data.files import BadSample, BadSamples, SampleReadError, decode_check, image_size, read_rgb
+from cspexp.data.files import BadSample, BadSamples, OnError, SampleReadError, decode_check, image_size, read_rgb
+from cspexp.utils.choices import check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
 SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
-SPLITS = ("train", "val", "test", "testA", "testB", "testC")
+Split = Literal["train", "val", "test", "testA", "testB", "testC"]
 
 
 def pycocotools_available() -> bool:
@@ -207,10 +209,10 @@ class RefCocoDataset(Dataset):
         root: str,
         dataset: str = "refcoco",
         split_by: str = "unc",
-        split: str = "val",
+        split: Split = "val",
         images: str | None = None,
         n: int | None = None,
-        on_error: str = "raise",
+        on_error: OnError = "raise",
         rasterizer: str = "auto",
     ) -> None:
         if dataset not in SPLIT_BY:
@@ -218,8 +220,7 @@ class RefCocoDataset(Dataset):
         if split_by not in SPLIT_BY[dataset]:
             allowed = "; ".join(f"{d}: {' | '.join(s)}" for d, s in SPLIT_BY.items())
             raise ConfigError(f"dataset.split_by={split_by!r} does not exist for {dataset}; the REFER splits are {allowed}")
-        if split not in SPLITS:
-            raise ConfigError(f"dataset.split={split!r} is not allowed; use one of {list(SPLITS)}")
+        check_call(RefCocoDataset, {"split": split}, "dataset")
         if n is not None and int(n) < 1:
             raise ConfigError(f"dataset.n must be >= 1 or null, got {n}")
         self.bad_samples = BadSamples(on_error)

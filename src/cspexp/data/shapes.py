@@ -35,14 +35,16 @@ from __future__ import annotations
 import math
 import operator
 import re
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from cspexp.utils.choices import check_call
 from cspexp.utils.errors import ConfigError
 
 __all__ = ["ShapesDataset", "DrawnShape", "Scene", "tokenize_query", "COLOURS", "KINDS", "CORNERS"]
@@ -557,7 +559,9 @@ def _choose(rng: np.random.Generator, cands: list[_Candidate], prefer_necessary:
 # Dataset
 # --------------------------------------------------------------------------------------------------
 
-_SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+QueryKind = Literal["referring", "relational", "implicit"]
+_SPLITS = typing.get_args(Split)  # in the order the splits' item ranges follow each other
 _DEFAULT_SPLIT_SIZES = {"train": 20000, "val": 1000, "test": 1000}
 _MAX_SCENE_TRIES = 200
 
@@ -565,21 +569,20 @@ _MAX_SCENE_TRIES = 200
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural reasoning-segmentation dataset; see the module docstring for the design."""
 
-    QUERY_KINDS = ("referring", "relational", "implicit")
+    QUERY_KINDS = typing.get_args(QueryKind)
 
     def __init__(
         self,
-        split: str = "val",
+        split: Split = "val",
         n: int | None = None,
         seed: int = 0,
         image_size: int = 224,
         min_shapes: int = 3,
         max_shapes: int = 6,
         split_sizes: dict | None = None,
-        kinds: list[str] | None = None,
+        kinds: list[QueryKind] | None = None,
     ):
-        if split not in _SPLITS:
-            raise ConfigError(f"dataset.split must be one of {list(_SPLITS)}, got {split!r}")
+        check_call(ShapesDataset, {"split": split, "kinds": kinds}, "dataset")
         sizes = dict(_DEFAULT_SPLIT_SIZES)
         if split_sizes:
             unknown = set(split_sizes) - set(_SPLITS)
@@ -592,8 +595,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ConfigError(f"dataset.n must be >= 1 or None, got {n}")
         if kinds is None:
             kinds = list(self.QUERY_KINDS)
-        bad = [k for k in kinds if k not in self.QUERY_KINDS]
-        if bad or not kinds:
+        if not kinds:
             raise ConfigError(f"dataset.kinds must be a non-empty subset of {list(self.QUERY_KINDS)}, got {list(kinds)}")
         if not 2 <= min_shapes <= max_shapes <= 8:
             raise ConfigError(f"dataset.min_shapes/max_shapes must satisfy 2 <= min <= max <= 8, got {min_shapes}, {max_shapes}")

@@ -9,18 +9,25 @@ module and nothing of each other; `cspexp.models.loaders` ties them to their con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
 
-from cspexp.models.lisa import IMAGE_NORMS, IMAGE_POSITIONS, LisaModel, text_hidden_fcs
+from cspexp.models.lisa import (
+    AttentionImplementation,
+    ImageNorm,
+    ImagePosition,
+    LisaModel,
+    SegQuery,
+    text_hidden_fcs,
+)
 from cspexp.models.processor import LisaProcessor
-from cspexp.utils.errors import ConfigError, require
+from cspexp.utils.choices import check_call, check_value
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class ModelShape(NamedTuple):
@@ -54,10 +61,9 @@ class LoadedModel:
         }
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not allowed; use one of {sorted(set(DTYPES))}")
-    return DTYPES[name]
+def resolve_dtype(name: Dtype) -> torch.dtype:
+    check_value(name, Dtype, "model.dtype")
+    return getattr(torch, _DTYPE_ALIASES.get(name, name))
 
 
 def assemble(
@@ -67,20 +73,17 @@ def assemble(
     sam_cfg: SamConfig,
     processor: LisaProcessor,
     vision_select_layer: int = -2,
-    seg_query: str = "before",
-    attn_implementation: str = "sdpa",
-    image_position: str = "none",
-    image_norm: str = "none",
+    seg_query: SegQuery = "before",
+    attn_implementation: AttentionImplementation = "sdpa",
+    image_position: ImagePosition = "none",
+    image_norm: ImageNorm = "none",
 ) -> LisaModel:
     """A LisaModel with freshly initialised weights of the given architecture (loaders then fill
     them). The ``<image>`` and ``[SEG]`` ids come from the processor, the one place that asks the
     tokenizer for them (LISA's tokenizer answers −200 for ``<image>``: a placeholder, no vocabulary row)."""
-    require(attn_implementation in ("sdpa", "eager"),
-            f"model.attn_implementation={attn_implementation!r} is not allowed; use 'sdpa' or 'eager'")
-    require(seg_query in ("before", "at"), f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
-    require(image_position in IMAGE_POSITIONS,
-            f"model.image_position={image_position!r} is not allowed; use one of {list(IMAGE_POSITIONS)}")
-    require(image_norm in IMAGE_NORMS, f"model.image_norm={image_norm!r} is not allowed; use one of {list(IMAGE_NORMS)}")
+    # Before the (possibly large) modules are built.
+    check_call(assemble, {"seg_query": seg_query, "attn_implementation": attn_implementation,
+                          "image_position": image_position, "image_norm": image_norm}, "model")
     vision_cfg._attn_implementation = attn_implementation
     llm_cfg._attn_implementation = attn_implementation
     sam_prompt_dim = sam_cfg.prompt_encoder_config.hidden_size

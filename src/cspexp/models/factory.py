@@ -13,8 +13,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, SamConfig
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
-from cspexp.models.base import LoadedModel, ModelShape, assemble, resolve_dtype
-from cspexp.models.lisa import LisaModel
+from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, resolve_dtype
+from cspexp.models.lisa import AttentionImplementation, ImageNorm, ImagePosition, LisaModel, SegQuery
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import build_word_tokenizer
 from cspexp.utils.errors import require
@@ -122,11 +122,11 @@ def random_lisa(
     vision: dict,
     llm: dict,
     sam: dict,
-    dtype: str = "float32",
-    attn_implementation: str = "sdpa",
-    seg_query: str = "before",
-    image_position: str = "none",
-    image_norm: str = "none",
+    dtype: Dtype = "float32",
+    attn_implementation: AttentionImplementation = "sdpa",
+    seg_query: SegQuery = "before",
+    image_position: ImagePosition = "none",
+    image_norm: ImageNorm = "none",
     words: Iterable[str] = (),
 ) -> LoadedModel:
     """A random-weight LISA of the configured sizes, with a word-level tokenizer over `words`

@@ -14,18 +14,24 @@ real weights map onto it one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel, LlamaForCausalLM, SamModel
 
+from cspexp.utils.choices import check_call
+
 # Token kinds in the LLM sequence (TokenState.kind). Padding is a kind so that one tensor says
 # both what a token is and whether it takes part.
 SYSTEM, IMAGE, TEXT, PAD = 0, 1, 2, 3
 KIND_NAMES = {SYSTEM: "system", IMAGE: "image", TEXT: "text", PAD: "pad"}
-IMAGE_POSITIONS = ("none", "sincos")
-IMAGE_NORMS = ("none", "rms")
+SegQuery = Literal["before", "at"]  # see `LisaModel`
+ImagePosition = Literal["none", "sincos"]
+ImageNorm = Literal["none", "rms"]
+#: What the pruning engine's decoder loop builds attention masks for.
+AttentionImplementation = Literal["sdpa", "eager"]
 
 
 @dataclass
@@ -112,17 +118,13 @@ class LisaModel(nn.Module):
         image_token_id: int,
         seg_token_id: int,
         vision_select_layer: int = -2,
-        seg_query: str = "before",
-        image_position: str = "none",
-        image_norm: str = "none",
+        seg_query: SegQuery = "before",
+        image_position: ImagePosition = "none",
+        image_norm: ImageNorm = "none",
     ) -> None:
         super().__init__()
-        if seg_query not in ("before", "at"):
-            raise ValueError(f"model.seg_query={seg_query!r} is not allowed; use 'before' (LISA) or 'at'")
-        if image_position not in IMAGE_POSITIONS:
-            raise ValueError(f"model.image_position={image_position!r} is not allowed; use one of {list(IMAGE_POSITIONS)}")
-        if image_norm not in IMAGE_NORMS:
-            raise ValueError(f"model.image_norm={image_norm!r} is not allowed; use one of {list(IMAGE_NORMS)}")
+        check_call(LisaModel, {"seg_query": seg_query, "image_position": image_position, "image_norm": image_norm},
+                   "model")
         self.vision_tower = vision_tower
         self.mm_projector = mm_projector
         self.llm = llm

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
-from cspexp.models.base import LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
+from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
+from cspexp.models.lisa import AttentionImplementation, SegQuery
 from cspexp.models.processor import LisaProcessor
 from cspexp.utils.errors import ConfigError, MissingPathError, require
 
@@ -361,11 +362,11 @@ def load_lisa(
     *,
     path: str,
     vision_tower: str,
-    dtype: str = "bfloat16",
+    dtype: Dtype = "bfloat16",
     device: str = "cpu",
     name: str | None = None,
-    attn_implementation: str = "sdpa",
-    seg_query: str = "before",
+    attn_implementation: AttentionImplementation = "sdpa",
+    seg_query: SegQuery = "before",
     vision_select_layer: int | None = None,
     expect: Mapping | None = None,
     progress: bool = True,

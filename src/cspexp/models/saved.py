@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, LlamaConfig, SamConfig
 
-from cspexp.models.base import LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
+from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
+from cspexp.models.lisa import AttentionImplementation, SegQuery
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import load_word_tokenizer, save_word_tokenizer
 from cspexp.utils.errors import ConfigError, MissingPathError
@@ -110,9 +111,9 @@ def load_saved(
     *,
     path: str,
     name: str | None = None,
-    dtype: str | None = "float32",
-    attn_implementation: str = "sdpa",
-    seg_query: str | None = None,
+    dtype: Dtype | None = "float32",
+    attn_implementation: AttentionImplementation = "sdpa",
+    seg_query: SegQuery | None = None,
 ) -> LoadedModel:
     """Load a model directory written by `save_model` (strict: every key must match); `dtype` None
     keeps the stored dtype."""

@@ -20,15 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from cspexp.models.lisa import IMAGE, PAD, PromptEmbeds
+from cspexp.models.lisa import IMAGE, PAD, AttentionImplementation, PromptEmbeds
 from cspexp.utils.choices import check_value
 
-#: The attention implementations the loop builds masks for (`attention_mask`).
-AttentionImplementation = Literal["sdpa", "eager"]
 
 
 @dataclass
