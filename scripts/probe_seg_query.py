@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from cspexp.cli import CONF_DIR
 from cspexp.data import vocabulary
 from cspexp.data.shapes import ShapesDataset
-from cspexp.lit.train_module import SUFFIX_TOKENS, click_embeddings, target_descriptors
+from cspexp.lit.losses import SUFFIX_TOKENS, click_embeddings, target_descriptors
 from cspexp.pruning.methods.base import NoPruning
 from cspexp.pruning.pipeline import run_llm
 from cspexp.train import load_initial_weights
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="val samples")
     parser.add_argument("--kinds", nargs="+", default=list(ShapesDataset.QUERY_KINDS), choices=ShapesDataset.QUERY_KINDS)
     parser.add_argument("overrides", nargs="*", default=["experiment=train_tiny_lisa"])
-    args = parser.parse_args()
+    # intermixed: overrides after the options, as the usage line shows (parse_args stops at the first option)
+    args = parser.parse_intermixed_args()
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)

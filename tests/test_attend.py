@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from cspexp.data.shapes import ShapesDataset, tokenize_query
-from cspexp.lit.attend import AttentionTap, attend_loss, query_words, recall_loss, target_cells
-from cspexp.lit.train_module import TrainModule, suffix_states
+from cspexp.lit.attend import Attend, AttentionTap, Recall, attend_loss, query_words, recall_loss, target_cells
+from cspexp.lit.losses import build_terms
+from cspexp.lit.train_module import TrainModule
 from cspexp.models.prompt import user_turn
 from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import segment
@@ -25,6 +26,10 @@ def tiny(seed: int = 0):
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
     cfg.seed = seed
     return build(cfg, words=ShapesDataset.vocabulary())
+
+
+def dense(model):
+    return NoPruning().bind(model.num_layers, model.n_image_tokens)
 
 
 def val_batch(loaded, n: int = 3):
@@ -66,16 +71,16 @@ def test_attend_loss_by_hand():
 
 
 def test_tap_leaves_the_pass_unchanged_and_trains_only_up_to_its_layer():
-    """The tap records without changing the forward pass (same masks as the wrapped method), one row
-    per tapped layer over the image tokens present; `attend`'s gradient reaches the tapped layer's
+    """The tap records without changing the forward pass (same masks as without it), one row per
+    tapped layer over the image tokens present; `attend`'s gradient reaches the tapped layer's
     q/k projections and every layer before it, never a layer after it (nor SAM)."""
     loaded = tiny()
     model = loaded.model
     batch = val_batch(loaded)
-    tap = AttentionTap(NoPruning(), layers=[1], head=1)
-    out = segment(model, batch, tap)
+    tap = AttentionTap(layers=[1], head=1)
+    out = segment(model, batch, dense(model), observers=[tap])
     with torch.no_grad():
-        ref = segment(model, batch, NoPruning())
+        ref = segment(model, batch, dense(model))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out.logits, ref.logits, strict=True))
     (probs, grid), = tap.records
     assert probs.shape == (3, model.n_image_tokens) and torch.equal(grid[0], torch.arange(model.n_image_tokens))
@@ -91,13 +96,13 @@ def test_tap_leaves_the_pass_unchanged_and_trains_only_up_to_its_layer():
 
 
 def test_tap_under_pruning_records_only_the_tokens_left():
-    """Wrapping csp at keep 0.1: at layer 6 only its 26 tokens are left, and the row covers them, by
+    """Watching csp at keep 0.1: at layer 6 only its 26 tokens are left, and the row covers them, by
     their grid cells."""
     loaded = tiny()  # 8 layers: csp's default stages are 0–1 / 2–3 / 4–7
     method = build(OmegaConf.merge(OmegaConf.load(CONF_DIR / "prune" / "csp.yaml"), {"keep": 0.1}))
     method = method.bind(8, loaded.model.n_image_tokens)
-    tap = AttentionTap(method, layers=[3, 6])
-    out = segment(loaded.model, val_batch(loaded, 2), tap)
+    tap = AttentionTap(layers=[3, 6])
+    out = segment(loaded.model, val_batch(loaded, 2), method, observers=[tap])
     (p3, g3), (p6, g6) = tap.records
     assert p3.shape[1] == int(out.trace.image_per_layer[0, 3]) == 256
     assert p6.shape[1] == int(out.trace.image_per_layer[0, 6]) == 26
@@ -115,8 +120,8 @@ def test_a_few_attend_steps_move_the_attention_onto_the_target():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     masses = []
     for _ in range(25):
-        tap = AttentionTap(NoPruning(), layers=[1])
-        segment(model, batch, tap)
+        tap = AttentionTap(layers=[1])
+        segment(model, batch, dense(model), observers=[tap])
         loss, mass = attend_loss(tap.records, cells)
         opt.zero_grad()
         loss.backward()
@@ -154,34 +159,42 @@ def test_recall_loss_by_hand():
     assert recall_loss(head, states, words).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_warm_up_withdraws_the_image_then_the_tap_wraps_the_schedule():
+def test_warm_up_withdraws_the_image_then_attend_watches_the_schedule():
+    """Before `text_only_steps` the step's forward pass has no image token and `attend` asks for no
+    tap (it adds 0 and logs nothing); after it, the schedule runs with every image token and the tap
+    records the attend layer."""
     loaded = tiny()
-    module = TrainModule(loaded, NoPruning(), loss_weights={"attend": 1.0, "recall": 1.0}, text_only_steps=3,
-                         attend_layers=[1], attend_head=0)
+    model = loaded.model
+    terms = {"recall": Recall(1.0), "attend": Attend(1.0, layers=[1], head=0)}
+    module = TrainModule(model, dense(model), terms, text_only_steps=3)
     batch = val_batch(loaded, 2)
-    method, tap = module.forward_method()  # global step 0 < 3
-    assert tap is None
-    out = segment(loaded.model, batch, method)
+    out, ctx = module.forward_pass(batch)  # global step 0 < 3
+    assert ctx.text_only and not ctx.observers
     assert int(out.trace.image_per_layer.sum()) == 0
+    loss, logs = terms["attend"](model, out, batch, ctx)
+    assert loss.item() == 0 and logs == {}
     # recall reads the suffix states whatever the image: its head sizes the vocabulary
-    words = query_words(batch, loaded.model.image_token_id, loaded.model.seg_token_id, module.recall_head.out_features)
-    assert recall_loss(module.recall_head, suffix_states(out.state), words).item() > 0
+    assert terms["recall"].head.out_features == model.llm.config.vocab_size
+    assert terms["recall"](model, out, batch, ctx)[0].item() > 0
     module.text_only_steps = 0
-    method, tap = module.forward_method()
-    assert tap is method and isinstance(tap.inner, NoPruning)
-    out = segment(loaded.model, batch, method)
-    assert int(out.trace.image_per_layer.min()) == loaded.model.n_image_tokens and len(tap.records) == 1
+    out, ctx = module.forward_pass(batch)
+    assert not ctx.text_only and list(ctx.observers) == [terms["attend"]]
+    assert int(out.trace.image_per_layer.min()) == model.n_image_tokens and len(ctx.observers[terms["attend"]].records) == 1
+    assert set(terms["attend"](model, out, batch, ctx)[1]) == {"attend", "attend_mass"}
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"attend_layers": []}, "train.attend.layers=[] must list layers in [0, 7]"),
-    ({"attend_layers": [8]}, "train.attend.layers=[8] must list layers in [0, 7]"),
-    ({"attend_layers": [1], "attend_head": 9}, "train.attend.head=9 is outside [0, 3]"),
+@pytest.mark.parametrize(("options", "message"), [
+    ({"layers": []}, "train.attend.layers=[] must list layers in [0, 7]"),
+    ({"layers": [8]}, "train.attend.layers=[8] must list layers in [0, 7]"),
+    ({"layers": [1], "head": 9}, "train.attend.head=9 is outside [0, 3]"),
 ])
-def test_bad_attend_settings_are_one_clear_error(kwargs, message):
+def test_bad_attend_settings_are_one_clear_error(options, message):
+    model = tiny().model
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        TrainModule(tiny(), NoPruning(), loss_weights={"attend": 1.0}, **kwargs)
-    TrainModule(tiny(), NoPruning(), **kwargs)  # unused while attend is off
+        TrainModule(model, dense(model), {"attend": Attend(1.0, **options)})
+    # unused while attend is off: weighted 0, the term is left out before it checks its settings
+    node = {"_target_": "cspexp.lit.attend.Attend", "weight": 0.0, **options}
+    assert build_terms(OmegaConf.create({"attend": node})) == {}
 
 
 def test_train_config_defaults_keep_lisa_and_the_recipe_turns_the_aids_on():
@@ -192,79 +205,20 @@ def test_train_config_defaults_keep_lisa_and_the_recipe_turns_the_aids_on():
     assert np.all(np.asarray(recipe.attend.layers) < OmegaConf.load(CONF_DIR / "model" / "tiny_lisa_scratch.yaml").llm.num_hidden_layers)
 
 
-def test_relational_items_carry_their_anchor_and_the_others_none():
-    """The anchor mask of a relational item is one shape other than the target: its pixels have one
-    colour in the image (the anchor's), and that colour or kind is named at the end of the query
-    ("… left of the red square"); referring and implicit items have an all-zero anchor mask."""
+def test_relational_scenes_name_their_anchor_and_the_others_have_none():
+    """A relational scene's anchor is a shape other than the target whose colour or kind ends the
+    query ("… left of the red square"); referring and implicit scenes have no anchor."""
     data = ShapesDataset(split="val", n=60)
     seen = {"relational": 0, "other": 0}
     for i in range(len(data)):
-        item, scene = data[i], data.scene(i)
-        anchor = item["anchor_mask"]
-        assert anchor.shape == item["mask"].shape and anchor.dtype == np.uint8
-        if item["query_kind"] != "relational":
-            assert scene.anchor is None and not anchor.any()
+        scene = data.scene(i)
+        if scene.query_kind != "relational":
+            assert scene.anchor is None
             seen["other"] += 1
             continue
         seen["relational"] += 1
         a = scene.shapes[scene.anchor]
-        assert scene.anchor != scene.target and anchor.any() and not (anchor.astype(bool) & item["mask"].astype(bool)).any()
-        pixels = item["image"][anchor.astype(bool)].astype(float)
-        assert np.abs(pixels.mean(0) - np.asarray(a.rgb)).max() < 6  # painted with the anchor's colour (± noise)
-        last = tokenize_query(item["query"])[-2:]
-        assert a.colour in last or a.kind in last, (item["query"], a)
+        assert scene.anchor != scene.target
+        last = tokenize_query(scene.query)[-2:]
+        assert a.colour in last or a.kind in last, (scene.query, a)
     assert seen["relational"] >= 10 and seen["other"] >= 10
-
-
-def test_collate_passes_anchor_masks_only_when_every_item_has_one():
-    loaded = tiny()
-    data = ShapesDataset(split="val", n=3)
-    items = [data[i] for i in range(3)]
-    batch = loaded.processor.collate(items)
-    assert all(torch.equal(b, torch.from_numpy(it["anchor_mask"])) for b, it in zip(batch["anchor_masks"], items, strict=True))
-    plain = [{k: v for k, v in it.items() if k != "anchor_mask"} for it in items]
-    assert "anchor_masks" not in loaded.processor.collate(plain)
-
-
-def test_anchor_head_is_recorded_apart_and_trained_onto_the_anchor():
-    """The anchor probe records its own head's row (the target probe's head differs) at its own layer,
-    and `anchor` alone, on the relational items' anchors, raises that head's mass on the anchor."""
-    torch.manual_seed(0)
-    loaded = tiny()
-    model = loaded.model
-    data = ShapesDataset(split="val", n=40)
-    rel = [data[i] for i in range(len(data)) if data[i]["query_kind"] == "relational"][:2]
-    batch = loaded.processor.collate(rel)
-    tap = AttentionTap(NoPruning(), layers=[1], head=0, anchor_layers=[1], anchor_head=2)
-    segment(model, batch, tap)
-    (p_target, _), = tap.records
-    (p_anchor, _), = tap.anchor_records
-    assert not torch.allclose(p_target, p_anchor)  # two heads
-    cells = target_cells(batch, model.grid_size, "anchor_masks")
-    assert torch.all(cells.sum(1) > 0) and not torch.allclose(cells, target_cells(batch, model.grid_size))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    masses = []
-    for _ in range(25):
-        tap = AttentionTap(NoPruning(), layers=[], anchor_layers=[1], anchor_head=2)
-        segment(model, batch, tap)
-        loss, mass = attend_loss(tap.anchor_records, cells)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        masses.append(mass.item())
-    assert not tap.records and masses[-1] > 4 * masses[0] and masses[-1] > 0.3, masses
-
-
-def test_anchor_loss_needs_its_layers_and_anchor_masks():
-    with pytest.raises(ConfigError, match=r"train.attend.anchor.layers=\[\] must list layers in \[0, 7\] when loss.anchor > 0"):
-        TrainModule(tiny(), NoPruning(), loss_weights={"anchor": 1.0})
-    with pytest.raises(ConfigError, match=r"train.attend.anchor.head=4 is outside \[0, 3\]"):
-        TrainModule(tiny(), NoPruning(), loss_weights={"anchor": 1.0}, anchor_layers=[2], anchor_head=4)
-    loaded = tiny()
-    module = TrainModule(loaded, NoPruning(), loss_weights={"anchor": 1.0}, anchor_layers=[2])
-    method, tap = module.forward_method()
-    assert tap is method and tap.layers == [] and tap.anchor_layers == [2]
-    batch = val_batch(loaded, 2)
-    del batch["anchor_masks"]
-    with pytest.raises(ConfigError, match="train.loss.anchor > 0 needs training data whose items carry an 'anchor_mask'"):
-        module.training_step(batch, 0)

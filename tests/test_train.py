@@ -1,5 +1,5 @@
-"""Training: the loss goes down, LoRA touches only the named modules, a fine-tune under a csp
-schedule saves a model that evaluation loads."""
+"""Training: the loss goes down, the loss is the configured terms' weighted sum, LoRA touches only
+the named modules, a fine-tune under a csp schedule saves a model that evaluation loads."""
 
 from __future__ import annotations
 
@@ -13,12 +13,25 @@ import torch
 from omegaconf import OmegaConf
 
 from cspexp.data.shapes import ShapesDataset
-from cspexp.lit.losses import dice_loss, mask_losses
-from cspexp.lit.train_module import TrainModule, answer_ce, point_prompt_losses, prompt_lm_ce
+from cspexp.lit.attend import AttentionTap, attend_loss, query_words, recall_loss, target_cells
+from cspexp.lit.losses import (
+    LisaLoss,
+    answer_ce,
+    build_terms,
+    describe_loss,
+    dice_loss,
+    mask_losses,
+    point_prompt_losses,
+    prompt_lm_ce,
+    prompt_match_loss,
+    suffix_states,
+)
+from cspexp.lit.train_module import TrainModule
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import save_model
 from cspexp.pruning.methods import NoPruning
 from cspexp.pruning.pipeline import run_llm, segment
+from cspexp.utils.errors import ConfigError
 from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR
@@ -28,6 +41,10 @@ def tiny(seed: int = 0):
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
     cfg.seed = seed
     return build(cfg, words=ShapesDataset.vocabulary())
+
+
+def dense(model):
+    return NoPruning().bind(model.num_layers, model.n_image_tokens)
 
 
 def test_dice_and_bce_on_hand_worked_masks():
@@ -42,22 +59,92 @@ def test_dice_and_bce_on_hand_worked_masks():
 
 
 def test_a_few_steps_lower_the_loss():
+    """LISA's loss alone (CE + 2 BCE + 0.5 Dice), as the training step computes it, halves on a
+    batch of four within 15 steps."""
     torch.manual_seed(0)
     loaded = tiny()
-    module = TrainModule(loaded, NoPruning().bind(loaded.model.num_layers, loaded.model.n_image_tokens))
+    module = TrainModule(loaded.model, dense(loaded.model), {"lisa": LisaLoss(ce=1.0, bce=2.0, dice=0.5)})
+    module.log_dict = lambda *args, **kwargs: None  # no Trainer to log to
     batch = loaded.processor.collate([ShapesDataset(split="train", n=4)[i] for i in range(4)])
     opt = torch.optim.AdamW(loaded.model.parameters(), lr=2e-3)
     loaded.model.train()
     losses = []
     for _ in range(15):
-        out = segment(loaded.model, batch, module.method)
-        bce, dice = mask_losses(out.logits, batch["gt_masks"])
-        loss = answer_ce(loaded.model, out, batch) + 2 * bce + 0.5 * dice
+        loss = module.training_step(batch, 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_the_step_loss_is_each_term_times_its_weight(compose_cfg):
+    """Every term on, each with its own weight (set through the `train.loss.*` and `train.attend.*`
+    keys): the training step's loss and logs are the sum worked out here from the loss functions,
+    with the attention rows taken by a tap of our own."""
+    loaded = tiny()
+    model = loaded.model
+    w = {"ce": 1.1, "bce": 0.9, "dice": 0.3, "lm": 0.5, "point": 0.25, "match": 2.0, "describe": 3.0, "recall": 0.7,
+         "attend": 1.5}
+    cfg = compose_cfg(*[f"train.loss.{k}={v}" for k, v in w.items()], "train.attend.layers=[1,3]", "train.attend.head=2",
+                      config_name="train")
+    module = TrainModule.from_config(model, dense(model), cfg.train)
+    logged = {}
+    module.log_dict = lambda logs, **kwargs: logged.update(logs)
+    batch = loaded.processor.collate([ShapesDataset(split="train", n=3)[i] for i in range(3)])
+    torch.manual_seed(0)
+    loss = module.training_step(batch, 0)
+
+    torch.manual_seed(0)  # the same random clicks for the point task
+    tap = AttentionTap([1, 3], head=2)
+    out = segment(model, batch, dense(model), observers=[tap])
+    ce = answer_ce(model, out, batch)
+    bce, dice = mask_losses(out.logits, batch["gt_masks"])
+    lm = prompt_lm_ce(model, out, batch)
+    p_bce, p_dice = point_prompt_losses(model, out.image_embeddings, batch)
+    match = prompt_match_loss(model, out.seg_embeds, batch)
+    describe, _ = describe_loss(module.terms["describe"].head, suffix_states(out.state), batch)
+    words = query_words(batch, model.image_token_id, model.seg_token_id, model.llm.config.vocab_size)
+    recall = recall_loss(module.terms["recall"].head, suffix_states(out.state), words)
+    assert len(tap.records) == 2
+    attend, _ = attend_loss(tap.records, target_cells(batch, model.grid_size))
+    expected = (1.1 * ce + 0.9 * bce + 0.3 * dice + 0.5 * lm + 0.25 * (0.9 * p_bce + 0.3 * p_dice) + 2.0 * match
+                + 3.0 * describe + 0.7 * recall + 1.5 * attend)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    names = ["loss", "ce", "bce", "dice", "lm", "point_dice", "match", "describe", "describe_const", "recall", "attend",
+             "attend_mass"]
+    assert set(logged) == {f"train/{name}" for name in names}
+    for name, value in [("loss", expected), ("ce", ce), ("dice", dice), ("point_dice", p_dice), ("recall", recall),
+                        ("attend", attend)]:
+        assert logged[f"train/{name}"].item() == pytest.approx(value.item(), rel=1e-6), name
+
+
+def test_terms_follow_the_config_and_its_overrides(compose_cfg):
+    """`conf/train.yaml` alone is LISA's loss; the recipe turns every aid on, in the config's order;
+    the `train.loss.*` / `train.attend.*` overrides reach the terms (bce and dice also the point task's)."""
+    lisa = build_terms(compose_cfg(config_name="train").train.terms)
+    assert list(lisa) == ["lisa"] and (lisa["lisa"].ce, lisa["lisa"].bce, lisa["lisa"].dice) == (1.0, 2.0, 0.5)
+    recipe = build_terms(compose_cfg("experiment=train_tiny_lisa", config_name="train").train.terms)
+    assert list(recipe) == ["lisa", "lm", "point", "match", "describe", "recall", "attend"]
+    assert recipe["attend"].layers == [3, 6] and recipe["attend"].head == 0
+    some = build_terms(compose_cfg("train.loss.point=1", "train.loss.bce=0.7", "train.loss.attend=0.5",
+                                   "train.attend.layers=[1,2]", "train.attend.head=3", config_name="train").train.terms)
+    assert list(some) == ["lisa", "point", "attend"]
+    assert (some["point"].weight, some["point"].bce, some["point"].dice, some["lisa"].bce) == (1, 0.7, 0.5, 0.7)
+    assert (some["attend"].weight, some["attend"].layers, some["attend"].head) == (0.5, [1, 2], 3)
+
+
+@pytest.mark.parametrize(("terms", "message"), [
+    ({"point": {"_target_": "cspexp.lit.losses.PointPrompt", "weight": -1}},
+     "train.terms.point.weight=-1 must be a number >= 0 (train.loss.point sets it)"),
+    ({"lm": {"_target_": "cspexp.lit.losses.PromptLM", "weight": "high"}},
+     "train.terms.lm.weight='high' must be a number >= 0 (train.loss.lm sets it)"),
+    ({"mine": {"_target_": "torch.nn.Identity"}}, "train.terms.mine builds Identity, not a cspexp.lit.losses.LossTerm"),
+])
+def test_bad_terms_are_one_clear_error(terms, message):
+    with pytest.raises(ConfigError) as err:
+        build_terms(OmegaConf.create(terms))
+    assert str(err.value) == message
 
 
 def test_answer_ce_predicts_the_answer_tokens():
@@ -125,7 +212,7 @@ def _one_image_batch(loaded, pixels: list[tuple[int, int]], h: int = 40, w: int 
 def test_clicks_are_sams_point_embedding_at_the_target_in_its_frame(where, pixels, centre):
     """The click token equals the first token of SAM's public prompt-encoder forward at the hand-mapped
     coordinates (original image → SAM's resized frame, SAM's own +0.5 undone)."""
-    from cspexp.lit.train_module import click_embeddings
+    from cspexp.lit.losses import click_embeddings
 
     loaded = tiny()
     batch = _one_image_batch(loaded, pixels)
@@ -146,7 +233,7 @@ def test_clicks_are_sams_point_embedding_at_the_target_in_its_frame(where, pixel
 def test_click_and_match_losses_train_what_they_should():
     """The click task trains SAM (decoder, image encoder) and not the LLM; the match term trains the
     LLM side ([SEG] embedding) and not SAM, and is zero when [SEG] equals the centre click."""
-    from cspexp.lit.train_module import click_embeddings, prompt_match_loss
+    from cspexp.lit.losses import click_embeddings
 
     loaded = tiny()
     model = loaded.model
@@ -247,7 +334,7 @@ def test_finetune_under_csp_saves_a_model_that_evaluation_loads(tmp_path):
 def test_target_descriptors_and_describe_loss_by_hand():
     """Centroid and mean colour of a three-pixel target worked by hand; the loss is 0 for a read-out
     that outputs the targets and the constant reference is their variance about the batch mean."""
-    from cspexp.lit.train_module import describe_loss, target_descriptors
+    from cspexp.lit.losses import target_descriptors
 
     loaded = tiny()
     pixels = [(10, 20), (10, 22), (12, 21)]
@@ -280,8 +367,6 @@ def test_target_descriptors_and_describe_loss_by_hand():
 def test_suffix_states_are_the_template_words_after_the_query():
     """The states `describe` reads are those of "please output segmentation mask . assistant :" (found
     through the prompt ids, by hand), the last being the query token's, in both templates."""
-    from cspexp.lit.train_module import suffix_states
-
     loaded = tiny()
     data = ShapesDataset(split="val", n=6)
     batch = loaded.processor.collate([data[i] for i in range(6)])
@@ -304,8 +389,6 @@ def test_suffix_states_are_the_template_words_after_the_query():
 def test_describe_trains_the_llm_side_only():
     """`describe` reads the LLM's final states: its gradient reaches the LLM, the projector and CLIP,
     never SAM or text_hidden_fcs (it says nothing about masks)."""
-    from cspexp.lit.train_module import describe_loss, suffix_states
-
     loaded = tiny()
     model = loaded.model
     batch = loaded.processor.collate([ShapesDataset(split="val", n=2)[i] for i in range(2)])

@@ -621,7 +621,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for ShapesDataset({self.split!r}) of length {self.length}")
         return i
 
-    def _generate(self, i: int) -> tuple[Scene, np.ndarray, np.ndarray, np.ndarray]:
+    def _generate(self, i: int) -> tuple[Scene, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.offset + i])
         # The kind is fixed before any scene is drawn, so resampling cannot skew the kind shares.
         kind = self.kinds[int(rng.integers(len(self.kinds)))]
@@ -638,9 +638,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             query = cand.render(rng)
             image = _render(rng, shapes, labels)
             mask = (labels == cand.target + 1).astype(np.uint8)
-            # All zeros when the query has no anchor (referring, implicit).
-            anchor = (labels == cand.anchor + 1).astype(np.uint8) if cand.anchor is not None else np.zeros_like(mask)
-            return Scene(shapes, cand.target, query, kind, cand.family, cand.anchor), image, mask, anchor
+            return Scene(shapes, cand.target, query, kind, cand.family, cand.anchor), image, mask
         raise RuntimeError(f"could not generate a {kind} query for item {i} of split {self.split!r}")
 
     @staticmethod
@@ -669,12 +667,11 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> dict:
         i = self._check_index(i)
-        scene, image, mask, anchor = self._generate(i)
+        scene, image, mask = self._generate(i)
         return {
             "idx": i,
             "image": image,
             "mask": mask,
-            "anchor_mask": anchor,  # training aid (cspexp.lit.attend); evaluation ignores it
             "query": scene.query,
             "is_sentence": scene.query_kind == "implicit",
             "query_kind": scene.query_kind,

@@ -17,13 +17,10 @@ chance 0.19):
    directly: cross-entropy between one head's attention row of the query token and the target's
    share of each image-token cell, i.e. gradient ~ (p − target), not ~ p.
 
-Relational queries ("the circle left of the red square") need a hop more: find the anchor, then the
-shapes placed so relative to it. `train.attend.anchor` supervises another head (at an earlier layer)
-onto the anchor the same way (`target_cells(..., key="anchor_masks")`; only relational items have one).
-
 On the probe: warm-up + attend at one layer → row within ±1 0.90 after 300 image steps (neither
 alone: 0.31 / 0.37 at 600 steps). All three are training aids: they add no parameter to the model
-(recall's read-out lives in the LightningModule and is not saved).
+(recall's read-out lives in its loss term and is not saved). As loss terms (`cspexp.lit.losses`):
+`Recall` and `Attend`; the warm-up is the training step's (`TrainModule`).
 """
 
 from __future__ import annotations
@@ -31,23 +28,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cspexp.pruning.methods.base import PruningMethod
+from cspexp.lit.losses import SUFFIX_TOKENS, LossTerm, suffix_states
+from cspexp.pruning.engine import Observer
 from cspexp.pruning.scoring import query_attention
-
-# The prompt's last words before the answer: "… Please output segmentation mask. ASSISTANT:" (both of
-# LISA's templates end so; word-level: 7 tokens, all after the query, the last the query token).
-SUFFIX_TOKENS = 7
+from cspexp.utils.errors import require
 
 
-def target_cells(batch, grid_size: tuple[int, int], key: str = "gt_masks") -> torch.Tensor:
+def target_cells(batch, grid_size: tuple[int, int]) -> torch.Tensor:
     """[B, rows·cols] the share of each image-token cell the target covers, in CLIP's frame.
 
     CLIP's preprocessing resizes the shortest side and centre-crops a square, so the image tokens see
     the centred square of side min(H, W) of the original; the target mask (value 1; 255 = ignore is
-    not target) is cropped the same way and area-pooled to the token grid. `key="anchor_masks"`: the
-    same for the anchor of relational queries (all-zero rows for the others)."""
+    not target) is cropped the same way and area-pooled to the token grid."""
     rows = []
-    for gt in batch[key]:
+    for gt in batch["gt_masks"]:
         h, w = gt.shape
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
@@ -56,42 +50,24 @@ def target_cells(batch, grid_size: tuple[int, int], key: str = "gt_masks") -> to
     return torch.stack(rows)
 
 
-class AttentionTap(PruningMethod):
-    """Wraps the training run's pruning method and records, at `layers`, the attention row of the
-    query token (the token whose final state is the [SEG] embedding) in head `head` over the image
-    tokens present — with gradients, as the layer computes it (`query_attention`, checked against
-    eager attention in the tests) — and likewise at `anchor_layers` in head `anchor_head` (into
-    `anchor_records`). Everything else is the wrapped method's."""
+class AttentionTap(Observer):
+    """Records, at `layers`, the attention row of the query token (the token whose final state is
+    the [SEG] embedding) in head `head` over the image tokens present, with their grid cells — with
+    gradients, as the layer computes it (`query_attention`, checked against eager attention in the
+    tests). An observer of the decoder loop: it sees each layer's input after the pruning method
+    acted, and changes nothing."""
 
-    def __init__(self, inner: PruningMethod, layers: list[int], head: int = 0,
-                 anchor_layers: list[int] = (), anchor_head: int = 1) -> None:
-        self.inner, self.layers, self.head = inner, list(layers), int(head)
-        self.anchor_layers, self.anchor_head = list(anchor_layers), int(anchor_head)
-        self.keep = inner.keep
-        self.name = inner.name
-        self.needs_cls_attention = inner.needs_cls_attention
+    def __init__(self, layers: list[int], head: int = 0) -> None:
+        self.layers, self.head = list(layers), int(head)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.anchor_records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def validate(self, num_layers: int, n_image: int) -> None:
-        self.inner.validate(num_layers, n_image)
-
-    def setup(self, state, ctx) -> None:
-        self.records, self.anchor_records = [], []
-        self.inner.setup(state, ctx)
+    def on_setup(self, state, ctx) -> None:
+        self.records = []
 
     def before_layer(self, layer: int, state, ctx) -> None:
-        self.inner.before_layer(layer, state, ctx)
-        if not state.n_image:
-            return
-        for layers, head, records in ((self.layers, self.head, self.records),
-                                      (self.anchor_layers, self.anchor_head, self.anchor_records)):
-            if layer in layers:
-                probs = query_attention(ctx.layers[layer], ctx.rotary_emb, state, "seg", head=head)
-                records.append((probs, torch.gather(state.grid, 1, state.image_columns())))
-
-    def describe(self) -> dict:
-        return self.inner.describe()
+        if layer in self.layers and state.n_image:
+            probs = query_attention(ctx.layers[layer], ctx.rotary_emb, state, "seg", head=self.head)
+            self.records.append((probs, torch.gather(state.grid, 1, state.image_columns())))
 
 
 def attend_loss(records, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,3 +111,42 @@ def recall_loss(head: torch.nn.Module, states: torch.Tensor, words: torch.Tensor
     last words) against the multi-hot `words` [B, vocab] of the query."""
     logits = head(states.float())
     return F.binary_cross_entropy_with_logits(logits, words[:, None].expand_as(logits))
+
+
+class Recall(LossTerm):
+    """Which words the query had, read linearly from the prompt's last words (`recall_loss`): the dense
+    text target of the text-only warm-up."""
+
+    def setup(self, model) -> None:
+        self.head = torch.nn.Linear(model.llm.config.hidden_size, model.llm.config.vocab_size)
+
+    def forward(self, model, out, batch, ctx):
+        words = query_words(batch, model.image_token_id, model.seg_token_id, self.head.out_features)
+        recall = recall_loss(self.head, suffix_states(out.state), words)
+        return recall, {"recall": recall}
+
+
+class Attend(LossTerm):
+    """Head `head`'s attention row of the query token at `layers`, supervised onto the target's
+    cells (`attend_loss`). Nothing to supervise while the image tokens are withdrawn (the warm-up)."""
+
+    def __init__(self, weight: float = 1.0, layers: list[int] = (), head: int = 0) -> None:
+        super().__init__(weight)
+        self.layers, self.head = list(layers), head
+
+    def setup(self, model) -> None:
+        n_layers, n_heads = model.num_layers, model.llm.config.num_attention_heads
+        require(bool(self.layers) and all(isinstance(x, int) and 0 <= x < n_layers for x in self.layers),
+                f"train.attend.layers={self.layers} must list layers in [0, {n_layers - 1}] when loss.attend > 0")
+        require(isinstance(self.head, int) and 0 <= self.head < n_heads,
+                f"train.attend.head={self.head} is outside [0, {n_heads - 1}]")
+
+    def observer(self, ctx) -> AttentionTap | None:
+        return None if ctx.text_only else AttentionTap(self.layers, self.head)
+
+    def forward(self, model, out, batch, ctx):
+        tap = ctx.observers.get(self)
+        if tap is None:  # the warm-up: no image token to look at
+            return out.state.hidden.new_zeros(()), {}
+        attend, mass = attend_loss(tap.records, target_cells(batch, model.grid_size))
+        return attend, {"attend": attend, "attend_mass": mass}
