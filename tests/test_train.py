@@ -136,9 +136,13 @@ def test_terms_follow_the_config_and_its_overrides(compose_cfg):
 
 @pytest.mark.parametrize(("terms", "message"), [
     ({"point": {"_target_": "cspexp.lit.losses.PointPrompt", "weight": -1}},
-     "train.terms.point.weight=-1 must be a number >= 0 (train.loss.point sets it)"),
+     "train.terms.point.weight=-1 must be a number >= 0 (in conf/train.yaml: train.loss.point)"),
     ({"lm": {"_target_": "cspexp.lit.losses.PromptLM", "weight": "high"}},
-     "train.terms.lm.weight='high' must be a number >= 0 (train.loss.lm sets it)"),
+     "train.terms.lm.weight='high' must be a number >= 0 (in conf/train.yaml: train.loss.lm)"),
+    ({"lisa": {"_target_": "cspexp.lit.losses.LisaLoss", "dice": float("nan")}},
+     "train.terms.lisa.dice=nan must be a number >= 0 (in conf/train.yaml: train.loss.dice)"),
+    ({"point": {"_target_": "cspexp.lit.losses.PointPrompt", "weight": 1, "bce": True}},
+     "train.terms.point.bce=True must be a number >= 0 (in conf/train.yaml: train.loss.bce)"),
     ({"mine": {"_target_": "torch.nn.Identity"}}, "train.terms.mine builds Identity, not a cspexp.lit.losses.LossTerm"),
 ])
 def test_bad_terms_are_one_clear_error(terms, message):

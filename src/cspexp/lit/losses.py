@@ -211,7 +211,6 @@ def describe_loss(head: torch.nn.Module, states: torch.Tensor, batch) -> tuple[t
 class StepContext:
     """What a term may need besides the model, the forward pass's output and the batch."""
 
-    step: int  # the optimizer step (Lightning's global step)
     text_only: bool  # the forward pass had no image token (the warm-up of `train.text_only_steps`)
     observers: dict = field(default_factory=dict)  # term → the Observer it asked for (`LossTerm.observer`)
 
@@ -239,6 +238,10 @@ class LossTerm(torch.nn.Module):
     def forward(self, model, out, batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def weights(self) -> dict[str, float]:
+        """Every weight the term applies, by option name (checked by `build_terms`)."""
+        return {"weight": self.weight}
+
 
 class LisaLoss(LossTerm):
     """LISA's loss: `ce` × the answer's next-token CE + `bce` × mask BCE + `dice` × mask Dice."""
@@ -246,6 +249,9 @@ class LisaLoss(LossTerm):
     def __init__(self, ce: float = 1.0, bce: float = 2.0, dice: float = 0.5) -> None:
         super().__init__(weight=1.0)  # the three parts carry the weights
         self.ce, self.bce, self.dice = ce, bce, dice
+
+    def weights(self) -> dict[str, float]:
+        return {"ce": self.ce, "bce": self.bce, "dice": self.dice}
 
     def forward(self, model, out, batch, ctx):
         ce = answer_ce(model, out, batch)
@@ -268,6 +274,9 @@ class PointPrompt(LossTerm):
     def __init__(self, weight: float = 1.0, bce: float = 2.0, dice: float = 0.5) -> None:
         super().__init__(weight)
         self.bce, self.dice = bce, dice
+
+    def weights(self) -> dict[str, float]:
+        return {"weight": self.weight, "bce": self.bce, "dice": self.dice}
 
     def forward(self, model, out, batch, ctx):
         bce, dice = point_prompt_losses(model, out.image_embeddings, batch)
@@ -300,9 +309,11 @@ def build_terms(cfg) -> dict[str, LossTerm]:
         term = build(node)
         require(isinstance(term, LossTerm),
                 f"train.terms.{name} builds {type(term).__name__}, not a cspexp.lit.losses.LossTerm")
-        w = term.weight
-        require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
-                f"train.terms.{name}.weight={w!r} must be a number >= 0 (train.loss.{name} sets it)")
-        if w:
+        for key, w in term.weights().items():
+            # conf/train.yaml sets a term's `weight` from train.loss.<term>, its other weights from train.loss.<key>
+            source = f"train.loss.{name if key == 'weight' else key}"
+            require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                    f"train.terms.{name}.{key}={w!r} must be a number >= 0 (in conf/train.yaml: {source})")
+        if term.weight:
             terms[name] = term
     return terms

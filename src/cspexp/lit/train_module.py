@@ -60,7 +60,7 @@ class TrainModule(L.LightningModule):
     def forward_pass(self, batch: dict) -> tuple[SegmentOutput, StepContext]:
         """This step's forward pass — during the text-only warm-up without image tokens, else under
         the training schedule — with the observers the terms ask for."""
-        ctx = StepContext(step=self.global_step, text_only=self.global_step < self.text_only_steps)
+        ctx = StepContext(text_only=self.global_step < self.text_only_steps)
         for term in self.terms.values():
             observer = term.observer(ctx)
             if observer is not None:
