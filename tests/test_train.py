@@ -151,6 +151,13 @@ def test_bad_terms_are_one_clear_error(terms, message):
     assert str(err.value) == message
 
 
+def test_a_loss_without_terms_is_one_clear_error():
+    model = tiny().model
+    lm_off = build_terms(OmegaConf.create({"lm": {"_target_": "cspexp.lit.losses.PromptLM", "weight": 0}}))
+    with pytest.raises(ConfigError, match="^train.terms: no term is configured with a weight > 0; the loss needs one$"):
+        TrainModule(model, dense(model), lm_off)
+
+
 def test_answer_ce_predicts_the_answer_tokens():
     """The CE targets are [SEG], '.', '</s>' — checked against the tokenizer, not the code's indices."""
     loaded = tiny()

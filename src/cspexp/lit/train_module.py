@@ -19,6 +19,7 @@ from cspexp.metrics.seg_iou import SegIoU
 from cspexp.pruning.methods.base import PruningMethod
 from cspexp.pruning.methods.vtw import VisualTokenWithdrawal
 from cspexp.pruning.pipeline import SegmentOutput, segment
+from cspexp.utils.errors import require
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TrainModule(L.LightningModule):
     def __init__(self, model, method: PruningMethod, terms: dict[str, LossTerm],
                  optim: OptimSettings = OptimSettings(), text_only_steps: int = 0) -> None:
         super().__init__()
+        require(bool(terms), "train.terms: no term is configured with a weight > 0; the loss needs one")
         self.model = model
         self.method = method
         self.optim = optim
