@@ -9,10 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cspexp.data.shapes import ShapesDataset
 from cspexp.flops.analytic import LlmDims, image_layer_macs, layer_macs, sample_flops, summarize
+from cspexp.models.loaders import build_model
 from cspexp.pruning.engine import DecoderLoop, TokenState
 from cspexp.pruning.methods import ClusterScatterPrune, FastV, NoPruning, PyramidDrop, VisualTokenWithdrawal
 from cspexp.pruning.methods.base import PruningContext
-from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR
 
@@ -41,7 +41,7 @@ def eager_model():
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml")
     cfg.attn_implementation = "eager"
     cfg.llm.num_key_value_heads = 2  # grouped-query attention exercises d_kv ≠ d
-    loaded = build(cfg, words=ShapesDataset.vocabulary())
+    loaded = build_model(cfg, ShapesDataset.vocabulary())
     batch = loaded.processor.collate([ShapesDataset(split="val", n=1)[0]])
     return loaded, batch
 
@@ -85,7 +85,7 @@ def test_fvcore_breakdown_counts_sdpa_and_matches_the_analytic_llm(method):
     from cspexp.flops.breakdown import breakdown
     from cspexp.pruning.pipeline import run_llm
 
-    loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
+    loaded = build_model(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), ShapesDataset.vocabulary())
     batch = loaded.processor.collate([ShapesDataset(split="val", n=1)[0]])
     m = method().bind(8, 256)
     result = breakdown(loaded.model, m, batch)

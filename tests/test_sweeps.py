@@ -24,7 +24,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from cspexp.models.factory import model_shape
+from cspexp.models.loaders import model_shape
 from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR, REPO
@@ -353,7 +353,7 @@ def test_job_runs_are_grouped_by_sweep(compose_cfg, tmp_path):
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    from cspexp.evaluate import build_logger
+    from cspexp.run import build_logger
 
     cfg = compose_cfg("logger=wandb")
     assert build_logger(cfg)._wandb_init["group"] is None  # a single run keeps no group
@@ -381,7 +381,7 @@ def test_optimized_metrics_select_values_from_results():
 def test_bayes_objective_penalises_missing_reduction(compose_cfg):
     from omegaconf import open_dict
 
-    from cspexp.evaluate import objective
+    from cspexp.outputs.results import objective
 
     cfg = compose_cfg()
     results = {"metrics": {"giou": 0.6}, "flops": {"reduction_image": 0.55}}
@@ -394,7 +394,7 @@ def test_bayes_objective_penalises_missing_reduction(compose_cfg):
 
 
 def test_failed_jobs_end_normally_only_where_the_report_lists_them(composer):
-    from cspexp.report.callback import failures_reported_here
+    from cspexp.utils.failures import failures_reported_here
 
     cfg = composer()
     assert failures_reported_here(cfg.hydra, "eval")

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from cspexp.lit.losses import build_terms
 from cspexp.lit.train_module import TrainModule
 from cspexp.models.lora import apply_lora, merge_lora
 from cspexp.models.saved import read_config, save_model
@@ -73,6 +74,9 @@ def train(cfg: DictConfig) -> dict:
                 f"trainer.limit_val_batches={limit} turns validation off, but training reports val gIoU/cIoU and keeps "
                 "the best checkpoint by it; validate on fewer samples with dataset.n=N instead")
 
+    # The loss terms before anything slow: a bad weight is one error line before data, model and logs
+    # (terms hold no parameters until TrainModule sets them up after the model, so the RNG is untouched).
+    terms = build_terms(cfg.train.terms)
     run = build_run(cfg, datasets={"train": cfg.train.data, "val": cfg.dataset}, vocabulary_from="train",
                     check_data=check_data)
     method, loaded = run.method, run.loaded
@@ -102,7 +106,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="best-{step}", monitor="val/giou",
                                  mode="max", save_top_k=1, save_last=True)
     trainer = build(cfg.trainer, logger=loggers, callbacks=[checkpoint, LearningRateMonitor("step")])
-    module = TrainModule.from_config(loaded.model, method, cfg.train)
+    module = TrainModule.from_config(loaded.model, method, cfg.train, terms)
     loaded.model.train()  # builders return eval mode; Lightning keeps the mode it finds
     started = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.train.resume)

@@ -54,10 +54,11 @@ class TrainModule(L.LightningModule):
         self.val_metric = SegIoU()
 
     @classmethod
-    def from_config(cls, model, method: PruningMethod, cfg) -> TrainModule:
-        """From the `train` node of `conf/train.yaml`."""
+    def from_config(cls, model, method: PruningMethod, cfg, terms: dict[str, LossTerm] | None = None) -> TrainModule:
+        """From the `train` node of `conf/train.yaml` (`terms`: already built from ``cfg.terms``)."""
         optim = OptimSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
-        return cls(model, method, build_terms(cfg.terms), optim, text_only_steps=cfg.text_only_steps)
+        terms = build_terms(cfg.terms) if terms is None else terms
+        return cls(model, method, terms, optim, text_only_steps=cfg.text_only_steps)
 
     def forward_pass(self, batch: dict) -> tuple[SegmentOutput, StepContext]:
         """This step's forward pass — during the text-only warm-up without image tokens, else under
