@@ -134,7 +134,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     results = build_results(
         cfg=cfg, method_info=run.method.describe(), model_name=run.loaded.name, model_dims=run.loaded.dims(),
-        outcome=outcome, metric_factory=lambda: build(cfg.metrics), dense=dense,
+        # per-kind metrics are computed on rank 0 alone: a sync inside compute() would wait for the others forever
+        outcome=outcome, metric_factory=lambda: build(cfg.metrics, sync_on_compute=False), dense=dense,
         skipped=skipped_summary(run.dataset),
     )
     results = share_from_rank_zero(results)
