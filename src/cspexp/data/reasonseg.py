@@ -24,6 +24,13 @@ does this loader:
   (``target``). Points are truncated to integers, as LISA's ``np.array(points, dtype=np.int32)``.
   A JSON with no polygons gives an empty mask, as in LISA (two ReasonSeg-test files are like that).
 
+Checked when the dataset is built (`cspexp.data.files`; ``on_error: skip`` leaves a bad sample out
+and lists it in ``results.json`` → ``skipped``): each image has its JSON and each JSON its image (a
+``<name>.json`` without ``<name>.jpg`` is listed too, not ignored: after the images, once every image
+was looked at, i.e. unless ``n`` stopped the scan), the JSON's keys and types, the image
+header within ``dataset.max_pixels``, and every drawn polygon's points finite and within one image size
+of the image (`cspexp.data.files.check_polygon`; ``flag`` polygons, never drawn, are not range-checked).
+
 Rasterisation (``dataset.rasterizer``): ``cv2`` is LISA's own (``cv2.polylines`` + ``cv2.fillPoly``),
 exact; ``pil`` draws the same outline and filling with Pillow. They agree inside polygons and differ
 by a pixel here and there on the outline (measured in tests/test_reasonseg.py: ≈2 pixels per polygon
@@ -42,7 +49,18 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from cspexp.data import files
-from cspexp.data.files import BadSample, BadSamples, OnError, decode_check, image_size, read_json, read_rgb
+from cspexp.data.files import (
+    MAX_PIXELS,
+    BadSample,
+    BadSamples,
+    OnError,
+    check_max_pixels,
+    check_polygon,
+    decode_check,
+    image_size,
+    read_json,
+    read_rgb,
+)
 from cspexp.utils.choices import check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
@@ -123,11 +141,19 @@ def parse_annotation(anno, path: Path) -> tuple[list[str], bool, list[dict]]:
             raise bad(f"shapes[{j}] needs a string 'label'")
         points = shape.get("points")
         ok = isinstance(points, list) and len(points) >= 1 and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(c, (int, float)) for c in p) for p in points
+            isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p) for p in points
         )
         if not ok:
             raise bad(f"shapes[{j}] ('{shape['label']}') needs 'points': a non-empty list of [x, y] numbers")
     return [t.strip() for t in texts], bool(anno["is_sentence"]), shapes
+
+
+def check_shapes(shapes: list[dict], height: int, width: int, path: Path) -> None:
+    """The points of every polygon that is drawn (all but ``flag``) finite and near the image."""
+    for j, shape in enumerate(shapes):
+        if shape["label"].lower() != "flag":
+            check_polygon(shape["points"], height, width, f"{path}: shapes[{j}] ('{shape['label']}')")
 
 
 def find_split_dir(root: Path, split: str) -> Path:
@@ -162,10 +188,12 @@ class ReasonSegDataset(Dataset):
         n: int | None = None,
         on_error: OnError = "raise",
         rasterizer: str = "auto",
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
         check_call(ReasonSegDataset, {"split": split, "query": query, "texts": texts}, "dataset")
         if n is not None and int(n) < 1:
             raise ConfigError(f"dataset.n must be >= 1 or null, got {n}")
+        self.max_pixels = check_max_pixels(max_pixels)
         self.bad_samples = BadSamples(on_error)
         self.rasterizer = resolve_rasterizer(rasterizer)
         self.split = split
@@ -173,25 +201,27 @@ class ReasonSegDataset(Dataset):
         images = sorted(self.dir.glob("*.jpg"))
         if not images:
             raise MissingPathError(f"{self.dir} holds no .jpg images (ReasonSeg pairs <name>.jpg with <name>.json)")
-        self.samples = self._index(images, query, texts, None if n is None else int(n))
+        self.samples = self._index(images, sorted(self.dir.glob("*.json")), query, texts, None if n is None else int(n))
         if not self.samples:
             if self.bad_samples.items:
                 raise ConfigError(f"every sample of {self.dir} was skipped as unreadable (dataset.on_error=skip)")
             raise ConfigError(f"{self.dir} has no sample with dataset.query={query!r}")
         log.info("ReasonSeg %s: %d samples, masks drawn with %s", split, len(self.samples), self.rasterizer)
 
-    def _index(self, images: list[Path], query: str, texts: str, n: int | None) -> list[ReasonSegSample]:
+    def _index(self, images: list[Path], annotations: list[Path], query: str, texts: str,
+               n: int | None) -> list[ReasonSegSample]:
         samples: list[ReasonSegSample] = []
         no_polygons = 0
         for image in images:
             if n is not None and len(samples) >= n:
                 break
+            json_path = image.with_suffix(".json")
             try:
-                json_path = image.with_suffix(".json")
                 text_list, is_sentence, shapes = parse_annotation(read_json(json_path), json_path)
                 if query != "all" and is_sentence != (query == "long"):
                     continue
-                image_size(image)
+                height, width = image_size(image, max_pixels=self.max_pixels)
+                check_shapes(shapes, height, width, json_path)
                 if self.bad_samples.skip:
                     decode_check(image)
             except BadSample as bad:
@@ -200,6 +230,12 @@ class ReasonSegDataset(Dataset):
             no_polygons += not any(s["label"].lower() != "flag" for s in shapes)
             chosen = text_list[:1] if texts == "first" else text_list
             samples += [ReasonSegSample(image, t, is_sentence, shapes) for t in chosen]
+        else:  # every image was looked at: then the JSONs without an image
+            paired = {image.with_suffix(".json") for image in images}
+            for json_path in (a for a in annotations if a not in paired):
+                bad = BadSample(f"annotation file {json_path} has no image {json_path.with_suffix('.jpg').name} "
+                                "beside it (ReasonSeg pairs <name>.jpg with <name>.json)", missing=True)
+                self.bad_samples.report(bad, where=f"{self.split}/{json_path.name}")
         if no_polygons:
             log.warning("ReasonSeg %s: %d annotation(s) have no polygon; their masks are empty (as in LISA)",
                         self.split, no_polygons)
@@ -212,7 +248,7 @@ class ReasonSegDataset(Dataset):
         if not 0 <= i < len(self.samples):
             raise IndexError(i)
         s = self.samples[i]
-        image = read_rgb(s.image)
+        image = read_rgb(s.image, self.max_pixels)
         return {
             "idx": i,
             "image": image,
