@@ -25,6 +25,12 @@ Masks come from the COCO annotation's ``segmentation``: polygons, or RLE (refCOC
 ``skimage`` fills each polygon over the pixel centres (x + ½, y + ½) — COCO's pixel convention —
 with scikit-image, differing from pycocotools on a few boundary pixels per object (measured in
 tests/test_refcoco.py), and cannot decode RLE; ``auto`` takes pycocotools when it is installed.
+Checked when the dataset is built (``on_error: skip`` leaves the ref's sentences out and lists
+them): polygons have finite coordinates within one image size of the image that instances.json gives
+(`cspexp.data.files.check_polygon`), an RLE's ``size`` is that image's and its run lengths cover it
+exactly (compressed counts are decoded here, without pycocotools), and the image file's header
+matches instances.json's size and is within ``dataset.max_pixels``.
+
 One deliberate difference: LISA sums an object's per-polygon masks as uint8, so where two polygons
 of one object overlap its target holds a 2, which its IoU counts as neither target nor background;
 here the mask is their union (1).
@@ -46,7 +52,18 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from cspexp.data import files
-from cspexp.data.files import BadSample, BadSamples, OnError, SampleReadError, decode_check, image_size, read_rgb
+from cspexp.data.files import (
+    MAX_PIXELS,
+    BadSample,
+    BadSamples,
+    OnError,
+    SampleReadError,
+    check_max_pixels,
+    check_polygon,
+    decode_check,
+    image_size,
+    read_rgb,
+)
 from cspexp.utils.choices import check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
@@ -137,15 +154,62 @@ def _is_rle(seg) -> bool:
     )
 
 
-def check_segmentation(seg, where: str) -> None:
-    """Polygons (each a flat [x0, y0, x1, y1, ...] of >= 3 points), RLE, or empty."""
+def rle_counts(counts: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``); ValueError if
+    the string ends inside a number."""
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(counts):
+                raise ValueError("the string ends inside a run length")
+            c = ord(counts[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def _check_rle(r: dict, where: str, height: int, width: int) -> None:
+    size = r["size"]
+    if list(size) != [height, width]:
+        raise BadSample(f"{where}: RLE 'size' is {size}, but its image is [{height}, {width}] (height, width)")
+    counts = r["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise BadSample(f"{where}: RLE 'counts' must be integers")
+    else:
+        try:
+            counts = rle_counts(counts.decode("ascii") if isinstance(counts, bytes) else counts)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadSample(f"{where}: RLE 'counts' is not COCO's compressed RLE ({exc})") from None
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        raise BadSample(f"{where}: RLE run lengths must be >= 0 and cover the {width}×{height} image "
+                        f"({height * width} pixels), they sum to {sum(counts)}")
+
+
+def check_segmentation(seg, where: str, height: int | None = None, width: int | None = None) -> None:
+    """Polygons (each a flat [x0, y0, x1, y1, ...] of >= 3 points), RLE, or empty; with the image's
+    `height` and `width`, also every point finite and near the image, every RLE of the image's size."""
     if _is_polygon_list(seg):
         for j, poly in enumerate(seg):
-            if len(poly) < 6 or len(poly) % 2 or not all(isinstance(c, (int, float)) for c in poly):
+            if len(poly) < 6 or len(poly) % 2 or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                         for c in poly):
                 raise BadSample(f"{where}: polygon {j} must be a flat list of >= 3 x, y pairs, got {len(poly)} numbers")
+            if height is not None and width is not None:
+                check_polygon(list(zip(poly[0::2], poly[1::2])), height, width, f"{where}: polygon {j}")
         return
     if not _is_rle(seg):
         raise BadSample(f"{where}: 'segmentation' is neither polygons nor RLE")
+    if height is not None and width is not None:
+        for r in seg if isinstance(seg, list) else [seg]:
+            _check_rle(r, where, height, width)
 
 
 def segmentation_mask(seg, height: int, width: int, rasterizer: str = "pycocotools") -> np.ndarray:
@@ -191,6 +255,14 @@ def in_split(ref_split: str, split: str) -> bool:
     return ref_split == split
 
 
+def _image_hw(info: dict) -> tuple[int | None, int | None]:
+    """instances.json's (height, width) of an image, or (None, None) when they are not integers (the
+    image check then names the mismatch)."""
+    h, w = info.get("height"), info.get("width")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v > 0 for v in (h, w))
+    return (int(h), int(w)) if ok else (None, None)
+
+
 @dataclass(frozen=True)
 class RefSample:
     image: Path
@@ -214,6 +286,7 @@ class RefCocoDataset(Dataset):
         n: int | None = None,
         on_error: OnError = "raise",
         rasterizer: str = "auto",
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
         if dataset not in SPLIT_BY:
             raise ConfigError(f"dataset.dataset={dataset!r} is not allowed; use one of {list(SPLIT_BY)}")
@@ -223,6 +296,7 @@ class RefCocoDataset(Dataset):
         check_call(RefCocoDataset, {"split": split}, "dataset")
         if n is not None and int(n) < 1:
             raise ConfigError(f"dataset.n must be >= 1 or null, got {n}")
+        self.max_pixels = check_max_pixels(max_pixels)
         self.bad_samples = BadSamples(on_error)
         self.rasterizer = resolve_rasterizer(rasterizer)
         self.split = split
@@ -261,7 +335,7 @@ class RefCocoDataset(Dataset):
                     raise BadSample(f"{refs_path}: {where} names annotation {ref.get('ann_id')} / image "
                                     f"{ref.get('image_id')}, which instances.json does not hold")
                 seg = ann.get("segmentation")
-                check_segmentation(seg, f"annotation {ann['id']} of instances.json")
+                check_segmentation(seg, f"annotation {ann['id']} of instances.json", *_image_hw(info))
                 if self.rasterizer == "skimage" and seg and not _is_polygon_list(seg):
                     raise ConfigError(f"annotation {ann['id']} of instances.json is RLE; decoding it needs pycocotools "
                                       "(pip install pycocotools); dataset.rasterizer=skimage draws polygons only")
@@ -279,7 +353,7 @@ class RefCocoDataset(Dataset):
 
     def _check_image(self, image: Path, info: dict) -> BadSample | None:
         try:
-            hw = image_size(image)
+            hw = image_size(image, max_pixels=self.max_pixels)
             expected = (info.get("height"), info.get("width"))
             if hw != expected:
                 raise BadSample(f"image {image} is {hw[1]}×{hw[0]} but instances.json says {expected[1]}×{expected[0]}")
@@ -296,7 +370,7 @@ class RefCocoDataset(Dataset):
         if not 0 <= i < len(self.samples):
             raise IndexError(i)
         s = self.samples[i]
-        image = read_rgb(s.image)
+        image = read_rgb(s.image, self.max_pixels)
         if image.shape[:2] != (s.height, s.width):
             raise SampleReadError(f"image {s.image} is {image.shape[1]}×{image.shape[0]}, "
                                   f"instances.json says {s.width}×{s.height}")
