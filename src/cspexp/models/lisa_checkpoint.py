@@ -49,7 +49,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
 from cspexp.models.lisa import AttentionImplementation, SegQuery
 from cspexp.models.processor import LisaProcessor
-from cspexp.utils.errors import ConfigError, MissingPathError, require
+from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError, require
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ WEIGHT_LAYOUTS = (
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # a full CLIPModel checkpoint, or a CLIPVisionModel one
 # config.json keys that fix the LLaMA architecture; the expected dims of conf/model/lisa_*.yaml name them.
 LLAMA_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# Further config.json entries the loader reads, when present, and what each must be.
+OPTIONAL_TYPES = (
+    ("num_key_value_heads", "a positive int"), ("max_position_embeddings", "a positive int"),
+    ("rms_norm_eps", "a number"), ("rope_theta", "a number"), ("mm_hidden_size", "a positive int"),
+    ("mm_vision_select_layer", "an int"), ("out_dim", "a positive int"),
+)
 
 
 # --------------------------------------------------------------------------- config.json
@@ -83,9 +89,14 @@ def read_lisa_config(path: str | Path, label: str = "model.path") -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file} is not valid JSON: {exc}") from None
     require(isinstance(config, dict), f"{file} must hold a JSON object")
-    missing = [k for k in LLAMA_DIMS if not isinstance(config.get(k), int)]
+    missing = [k for k in LLAMA_DIMS if k not in config]
     require(not missing, f"{file} lacks the LLaMA dimension(s) {', '.join(missing)}; is it a LISA checkpoint "
                          f"(model_type 'llava')? It has model_type {config.get('model_type')!r}")
+    for key in LLAMA_DIMS:
+        _require_type(config, key, "a positive int", file)
+    for key, kind in OPTIONAL_TYPES:
+        if config.get(key) is not None:
+            _require_type(config, key, kind, file)
     require(config.get("mm_vision_select_feature", "patch") == "patch",
             f"{file}: mm_vision_select_feature={config.get('mm_vision_select_feature')!r} is not supported; "
             "LISA uses 'patch' (CLIP features without [CLS])")
@@ -94,7 +105,16 @@ def read_lisa_config(path: str | Path, label: str = "model.path") -> dict:
             "image in <im_start> <im_end> (mm_use_im_start_end: true)")
     projector = config.get("mm_projector_type", "linear")
     require(projector == "linear", f"{file}: mm_projector_type={projector!r} is not supported; LISA v1 uses one Linear ('linear')")
+    llama_config(config, "sdpa", file)  # values transformers refuses fail here, before any weight is read
     return config
+
+
+def _require_type(config: Mapping, key: str, kind: str, file: Path) -> None:
+    value = config[key]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {"a positive int": is_int and value > 0, "an int": is_int,
+          "a number": (is_int or isinstance(value, float)) and value > 0}[kind]
+    require(ok, f"{file}: {key} is {value!r} ({type(value).__name__}); it must be {kind}")
 
 
 def check_expected(config: Mapping, expect: Mapping | None, config_file: Path, name: str | None) -> None:
@@ -110,10 +130,20 @@ def check_expected(config: Mapping, expect: Mapping | None, config_file: Path, n
             "use the model config that matches it, or model=lisa (reads everything from config.json)")
 
 
-def llama_config(config: Mapping, attn_implementation: str) -> LlamaConfig:
-    """The LLaMA of the checkpoint, from config.json (LISA-7B: LLaMA-1 7B; LISA-13B-llama2: Llama-2 13B)."""
+def llama_config(config: Mapping, attn_implementation: str, file: Path | str = "config.json") -> LlamaConfig:
+    """The LLaMA of the checkpoint, from config.json (LISA-7B: LLaMA-1 7B; LISA-13B-llama2: Llama-2 13B);
+    values transformers refuses are a ConfigError naming `file`."""
+    try:
+        cfg = _llama_config(config)
+    except Exception as exc:  # noqa: BLE001 — transformers' config validation raises several types
+        raise ConfigError(f"{file} describes a LLaMA that cannot be built: {_one_line(exc)}") from None
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def _llama_config(config: Mapping) -> LlamaConfig:
     rope = {k: config[k] for k in ("rope_theta", "rope_scaling") if config.get(k) is not None}
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"],
@@ -131,8 +161,6 @@ def llama_config(config: Mapping, attn_implementation: str) -> LlamaConfig:
         use_cache=False,
         **rope,
     )
-    cfg._attn_implementation = attn_implementation
-    return cfg
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -147,11 +175,16 @@ def read_vision_config(vision_tower: str | Path, label: str = "model.vision_towe
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         require(model_type in CLIP_MODEL_TYPES, f"{label}={str(path)!r} holds a {model_type!r} model, not CLIP "
                                                 f"(config.json model_type must be one of {list(CLIP_MODEL_TYPES)})")
-        return CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{label}={str(path)!r} is not a CLIP checkpoint directory: {_first_line(exc)}") from None
+        vision = CLIPVisionConfig.from_pretrained(str(path), local_files_only=True)
+    except CspexpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — json, transformers and its config validation raise several types
+        raise ConfigError(f"{label}={str(path)!r} is not a CLIP checkpoint directory: {_one_line(exc)}") from None
+    for key in ("image_size", "patch_size", "hidden_size"):
+        value = getattr(vision, key, None)
+        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{path / 'config.json'}: the vision {key} is {value!r}; it must be a positive int")
+    return vision
 
 
 def load_vision_tower(vision_tower: str | Path, dtype: torch.dtype, attn_implementation: str) -> CLIPVisionModel:
@@ -206,6 +239,7 @@ class WeightShards:
 
     def __post_init__(self) -> None:
         self._bin: dict[Path, dict] = {}
+        self.where: dict[str, Path] = {}  # tensor name → its file (filled by `shapes`)
 
     def _open_bin(self, file: Path) -> dict:
         if file not in self._bin:
@@ -223,7 +257,7 @@ class WeightShards:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor name → shape, over all files; a name in two files is an error."""
         shapes: dict[str, tuple[int, ...]] = {}
-        where: dict[str, Path] = {}
+        where = self.where
         for file in self.files:
             for key, shape in self._shapes_of(file):
                 if key in shapes:
@@ -303,10 +337,11 @@ class KeyPlan:
     unexpected: list[str]  # checkpoint keys
     missing: list[str]  # LisaModel keys
     wrong_shapes: list[str]  # "name: checkpoint [..], model [..]"
+    first_wrong: tuple[str, tuple, tuple] | None = None  # (checkpoint key, its shape, the model's)
 
     @classmethod
     def make(cls, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> "KeyPlan":
-        targets, unexpected, wrong, filled = {}, [], [], set()
+        targets, unexpected, wrong, filled, first = {}, [], [], set(), None
         for key in sorted(shapes):
             mapped = lisa_key_targets(key)
             if mapped is None or any(t not in expected for t in mapped):
@@ -317,10 +352,20 @@ class KeyPlan:
                 filled.add(t)
                 if tuple(expected[t]) != tuple(shapes[key]):
                     wrong.append(f"{key}: checkpoint {list(shapes[key])}, model {list(expected[t])}")
+                    first = first or (key, tuple(shapes[key]), tuple(expected[t]))
         missing = sorted(set(expected) - filled)
-        return cls(targets, unexpected, missing, wrong)
+        return cls(targets, unexpected, missing, wrong, first)
 
-    def check(self, path: Path) -> None:
+    def check(self, path: Path, where: Mapping[str, Path] | None = None) -> None:
+        """One ConfigError listing every problem; a wrong shape leads with its file, key and shapes."""
+        if self.first_wrong is not None:
+            key, found, want = self.first_wrong
+            file = (where or {}).get(key, path)
+            more = f"; {len(self.wrong_shapes)} weights differ" if len(self.wrong_shapes) > 1 else ""
+            lead = [f"{file}: weight {key!r} has the wrong shape: expected {list(want)} (from {path / 'config.json'}, "
+                    f"the CLIP tower and the SAM weights), found {list(found)}{more}"]
+        else:
+            lead = []
         problems = []
         if self.missing:
             problems.append(f"missing {_listing(self.missing)} (LisaModel names)")
@@ -329,7 +374,7 @@ class KeyPlan:
         if self.wrong_shapes:
             problems.append(f"wrong shapes {_listing(self.wrong_shapes)} (is config.json from this checkpoint?)")
         if problems:
-            raise ConfigError(f"the weights in {path} do not match a LISA model: " + "; ".join(problems))
+            raise ConfigError("; ".join(lead + [f"the weights in {path} do not match a LISA model: " + "; ".join(problems)]))
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
@@ -340,6 +385,17 @@ def _listing(items: list[str], limit: int = 20) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (continuation lines joined)."""
+    text = ""
+    for line in (line.strip() for line in str(exc).splitlines()):
+        if line:
+            text += (" " if text.endswith(":") else "; ") + line if text else line
+    if isinstance(exc, KeyError):  # its message is only the key
+        return f"KeyError {text}"
+    return text or type(exc).__name__
 
 
 def _device(name: str) -> torch.device:
@@ -415,22 +471,28 @@ def load_lisa(
 
     processor = LisaProcessor(tokenizer=tokenizer, tokenizer_kind="lisa", clip_size=clip.config.image_size,
                               sam_size=sam_cfg.vision_config.image_size)
-    with torch.device("meta"):
-        # No storage and no random init: every tensor is assigned from the checkpoint below.
-        model = assemble(
-            vision_cfg=clip.config,
-            llm_cfg=llama_config(config, attn_implementation),
-            sam_cfg=sam_cfg,
-            processor=processor,
-            vision_select_layer=select,
-            seg_query=seg_query,
-            attn_implementation=attn_implementation,
-        )
+    llm_cfg = llama_config(config, attn_implementation, ckpt / "config.json")
+    try:
+        with torch.device("meta"):
+            # No storage and no random init: every tensor is assigned from the checkpoint below.
+            model = assemble(
+                vision_cfg=clip.config,
+                llm_cfg=llm_cfg,
+                sam_cfg=sam_cfg,
+                processor=processor,
+                vision_select_layer=select,
+                seg_query=seg_query,
+                attn_implementation=attn_implementation,
+            )
+    except CspexpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — only configs reach here (e.g. an unknown rope_scaling type)
+        raise ConfigError(f"{ckpt / 'config.json'} describes a model that cannot be built: {_one_line(exc)}") from None
     model.vision_tower = clip
     has_tower = any(k.startswith(TOWER_PREFIX) for k in shapes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if has_tower or not k.startswith("vision_tower.")}
     plan = KeyPlan.make(shapes, expected)
-    plan.check(ckpt)
+    plan.check(ckpt, shards.where)
     if has_tower:
         log.info("%s carries its own CLIP tower (%s*): it replaces the weights of %s", ckpt, TOWER_PREFIX, vision_tower)
 

@@ -23,7 +23,7 @@ from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, rebuild
 from cspexp.models.lisa import AttentionImplementation, SegQuery
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import load_word_tokenizer, save_word_tokenizer
-from cspexp.utils.errors import ConfigError, MissingPathError
+from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError
 
 FORMAT = "cspexp-lisa"
 VERSION = 1
@@ -74,29 +74,132 @@ def save_model(loaded: LoadedModel, path: str | Path) -> Path:
     return path
 
 
+# config.json entries a model directory must have, as (dotted key, what it must be); checked in this
+# order, so the first one that is wrong is the one an error names. Everything `saved_shape` and
+# `load_saved` read from config.json is here.
+_POSITIVE_INT = "a positive int"
+REQUIRED = (
+    ("vision_config", "an object"),
+    ("llm_config", "an object"),
+    ("sam_config", "an object"),
+    ("vision_config.image_size", _POSITIVE_INT),
+    ("vision_config.patch_size", _POSITIVE_INT),
+    ("vision_config.hidden_size", _POSITIVE_INT),
+    ("llm_config.num_hidden_layers", _POSITIVE_INT),
+    ("llm_config.hidden_size", _POSITIVE_INT),
+    ("llm_config.vocab_size", _POSITIVE_INT),
+    ("sam_config.vision_config", "an object"),
+    ("sam_config.vision_config.image_size", _POSITIVE_INT),
+    ("vision_select_layer", "an int"),
+    ("seg_query", "a string"),
+)
+OPTIONAL = (("name", "a string"), ("tokenizer", "a string"), ("image_position", "a string"), ("image_norm", "a string"))
+_MISSING = object()
+
+
+def _is(value, kind: str) -> bool:
+    if kind == "an object":
+        return isinstance(value, dict)
+    if kind == "a string":
+        return isinstance(value, str)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int and (kind == "an int" or value > 0)
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_config(config: dict, file: Path) -> None:
+    """Every entry `saved_shape` and `load_saved` read is present and of its type; the first that is
+    not is named in one line (a ConfigError), before any weight is read."""
+    for key, kind in REQUIRED:
+        value = _lookup(config, key)
+        if value is _MISSING:
+            raise ConfigError(f"{file}: {key} is missing; it must be {kind} (a cspexp model config.json has "
+                              f"vision_config, llm_config and sam_config, as save_model and python -m cspexp.convert write it)")
+        if not _is(value, kind):
+            raise ConfigError(f"{file}: {key} is {value!r} ({type(value).__name__}); it must be {kind}")
+    for key, kind in OPTIONAL:
+        value = config.get(key)
+        if value is not None and not _is(value, kind):
+            raise ConfigError(f"{file}: {key} is {value!r} ({type(value).__name__}); it must be {kind}")
+
+
 def read_config(path: str | Path) -> dict:
+    """The directory's config.json, checked (`check_config`) before anything else reads it."""
     path = Path(path)
     if not path.is_dir():
         raise MissingPathError(f"model.path={str(path)!r} does not exist or is not a directory")
+    file = path / "config.json"
     config = {}
-    if (path / "config.json").is_file():
+    if file.is_file():  # else: named with the other missing files below
         try:
-            config = json.loads((path / "config.json").read_text())
+            config = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+            raise ConfigError(f"{file} is not valid JSON: {exc}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             found = config.get("format") if isinstance(config, dict) else None
             hint = " (an original LISA checkpoint? load it with model=lisa, or convert it with python -m cspexp.convert)" \
                 if isinstance(config, dict) and config.get("model_type") == "llava" else ""
-            raise ConfigError(f"{path / 'config.json'} is not a cspexp model config (format {found!r}){hint}")
+            raise ConfigError(f"{file} is not a cspexp model config (format {found!r}, expected {FORMAT!r}){hint}")
     kind = config.get("tokenizer", "word_level")
     if kind not in TOKENIZER_FILES:
-        raise ConfigError(f"{path / 'config.json'}: tokenizer {kind!r} is not one of {sorted(TOKENIZER_FILES)}")
+        raise ConfigError(f"{file}: tokenizer {kind!r} is not one of {sorted(TOKENIZER_FILES)}")
     files = (*FILES, TOKENIZER_FILES[kind])
     missing = [f for f in files if not (path / f).exists()]
     if missing:
         raise MissingPathError(f"model.path={str(path)!r} lacks {', '.join(missing)} (a cspexp model directory has {', '.join(files)})")
+    check_config(config, file)
     return config
+
+
+def stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:  # noqa: BLE001 — safetensors raises its own error types; any of them means a bad file
+        raise ConfigError(f"cannot read {file}: {_one_line(exc)}") from None
+
+
+def check_weights(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], file: Path) -> None:
+    """The weights in `file` (`found`: name → shape) fill exactly the model that config.json describes
+    (`expected`): the same names, the same shapes. One line names the first mismatch."""
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    if missing or unexpected:
+        raise ConfigError(f"{file} does not match the architecture in config.json: missing keys {_listing(missing)}, "
+                          f"unexpected keys {_listing(unexpected)}; were config.json and the weights written together?")
+    wrong = [k for k in expected if tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        first = wrong[0]
+        more = f" ({len(wrong)} weights differ)" if len(wrong) > 1 else ""
+        raise ConfigError(
+            f"{file}: weight {first!r} has the wrong shape: expected {list(expected[first])} (the architecture in "
+            f"config.json), found {list(found[first])}{more}; were config.json and the weights written together?")
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    return f"{keys[:limit]}{f' … and {len(keys) - limit} more' if len(keys) > limit else ''}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (continuation lines joined)."""
+    text = ""
+    for line in (line.strip() for line in str(exc).splitlines()):
+        if line:
+            text += (" " if text.endswith(":") else "; ") + line if text else line
+    if isinstance(exc, KeyError):  # its message is only the key
+        return f"KeyError {text}"
+    return text or type(exc).__name__
 
 
 def saved_shape(cfg: Mapping) -> ModelShape:
@@ -132,28 +235,31 @@ def load_saved(
         clip_size=config["vision_config"]["image_size"],
         sam_size=config["sam_config"]["vision_config"]["image_size"],
     )
-    with torch.device("meta"):
-        # Built on the meta device: no memory for random init, weights come from the file below.
-        model = assemble(
-            vision_cfg=CLIPVisionConfig.from_dict(config["vision_config"]),
-            llm_cfg=LlamaConfig.from_dict(config["llm_config"]),
-            sam_cfg=SamConfig.from_dict(config["sam_config"]),
-            processor=processor,
-            vision_select_layer=config["vision_select_layer"],
-            seg_query=seg_query or config["seg_query"],
-            attn_implementation=attn_implementation,
-            image_position=config.get("image_position", "none"),
-            image_norm=config.get("image_norm", "none"),
-        )
-    state = load_file(str(path / "model.safetensors"))
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{path / 'model.safetensors'} does not match the architecture in config.json: "
-            f"missing keys {missing[:20]}{' …' if len(missing) > 20 else ''}, "
-            f"unexpected keys {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}"
-        )
+    file = path / "config.json"
+    try:
+        with torch.device("meta"):
+            # Built on the meta device: no memory for random init, weights come from the file below.
+            model = assemble(
+                vision_cfg=CLIPVisionConfig.from_dict(config["vision_config"]),
+                llm_cfg=LlamaConfig.from_dict(config["llm_config"]),
+                sam_cfg=SamConfig.from_dict(config["sam_config"]),
+                processor=processor,
+                vision_select_layer=config["vision_select_layer"],
+                seg_query=seg_query or config["seg_query"],
+                attn_implementation=attn_implementation,
+                image_position=config.get("image_position", "none"),
+                image_norm=config.get("image_norm", "none"),
+            )
+    except CspexpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — transformers' config validation raises several types
+        # Only config.json's values reach here: one transformers cannot build (hidden_size not a
+        # multiple of the heads, a string for an int, …) is the file's fault, named in one line.
+        raise ConfigError(f"{file} describes a model that cannot be built: {_one_line(exc)}") from None
+    weights = path / "model.safetensors"
+    # Names and shapes from the file's header, against the architecture: before any tensor is read.
+    check_weights(stored_shapes(weights), {k: tuple(v.shape) for k, v in model.state_dict().items()}, weights)
+    state = load_file(str(weights))
     model.load_state_dict(state, strict=True, assign=True)
     rebuild_buffers(model)
     if dtype is not None:  # None: as stored (a converted LISA-7B is bf16; float32 would double it)
