@@ -416,7 +416,7 @@ def cspexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("dataset", "defect"),
-    [("folder", "lisa_value"), ("folder", "rgb_colour"), ("folder", "huge_image"), ("reasonseg", "huge_coordinate")],
+    [("folder", "lisa_value"), ("folder", "huge_image"), ("reasonseg", "huge_coordinate")],
 )
 def test_cli_bad_data_is_one_line_and_no_results(tmp_path, dataset, defect):
     data, run_dir = tmp_path / "data", tmp_path / "run"
