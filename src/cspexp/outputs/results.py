@@ -35,6 +35,20 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Dataset settings that do not decide which samples are evaluated, or whose effect the evaluated idx
+# list already shows (`n`, `on_error`, `max_pixels`: samples left out).
+SAMPLE_SET_IGNORED = ("batch_size", "num_workers", "on_error", "n", "max_pixels")
+
+
+def sample_set(dataset_cfg: dict, idx: list) -> str:
+    """Which samples a run evaluated: the first 16 hex digits of the SHA-256 of the JSON (sorted
+    keys) of the dataset settings (minus `SAMPLE_SET_IGNORED`) and the sorted evaluated idx list.
+    Runs with different values are not compared by the sweep report."""
+    picked = {k: v for k, v in (dataset_cfg or {}).items() if k not in SAMPLE_SET_IGNORED}
+    payload = {"dataset": picked, "idx": sorted(idx, key=lambda i: (str(type(i)), i))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in VERSIONED_PACKAGES:
@@ -130,6 +144,8 @@ def build_results(*, cfg: DictConfig, method_info: dict, model_name: str, model_
             "split": cfg.dataset.get("split"),
         },
         "n_samples": len(records),
+        "sample_set": sample_set(OmegaConf.to_container(cfg.dataset, resolve=True),
+                                 [r["idx"] for r in records]),  # which samples: runs to compare share it
         "metrics": measured["metrics"],
         "metrics_by_kind": metrics_by_kind(records, metric_factory),
         "flops": measured["flops"],
@@ -176,6 +192,9 @@ SUMMARY_FIELDS = {
     "model": "model",
     "config_hash": "config_hash",
     "objective": "objective",
+    "dataset_name": "dataset.name",
+    "dataset_split": "dataset.split",
+    "sample_set": "sample_set",
 }
 
 
