@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from cspexp.outputs.results import results_from_summary
-from cspexp.report.pareto import Failure, ParetoReport, Point, collect_dirs, finish, point_from_results
+from cspexp.report.pareto import (UNREADABLE, Failure, ParetoReport, Point, Unreadable, collect_dirs, finish,
+                                  point_from_results)
 from cspexp.utils.errors import CspexpError
 
 log = logging.getLogger("cspexp.aggregate")
@@ -39,7 +40,8 @@ def _get(mapping, key, default=None):
 
 def _method_of(config) -> str:
     """The method of a run whose summary does not name it (runs of older cspexp versions)."""
-    target = str(_get(_get(config, "prune", {}) or {}, "_target_", ""))
+    prune = _get(config, "prune", {})
+    target = str(_get(prune, "_target_", "") if isinstance(prune, dict) else "")
     names = {"NoPruning": "none", "ClusterScatterPrune": "csp", "FastV": "fastv", "PyramidDrop": "pdrop",
              "VisualTokenWithdrawal": "vtw", "RandomDrop": "random", "UniformDrop": "uniform"}
     return names.get(target.rsplit(".", 1)[-1], target.rsplit(".", 1)[-1] or "?")
@@ -69,11 +71,21 @@ def point_from_wandb_run(run, where: str) -> Point | Failure:
     if state != "finished" or "giou" not in results.get("metrics", {}) or "image" not in results.get("flops", {}):
         return Failure(name, _sweep_overrides(config), "incomplete",
                        f"W&B run {getattr(run, 'name', run.id)} is {state} and has no giou/flops_image in its summary")
-    configured = {k: v for k, v in (_get(config, "prune", {}) or {}).items() if k != "_target_"}
+    prune_cfg = _get(config, "prune", {})
+    configured = {k: v for k, v in prune_cfg.items() if k != "_target_"} if isinstance(prune_cfg, dict) else {}
     results["prune"] = {**configured, **results.get("prune", {})}
     results.setdefault("method", _method_of(config))
     results.setdefault("model", _get(_get(config, "model", {}) or {}, "name"))
-    return point_from_results(results, name)
+    # runs of older cspexp versions have no dataset in their summary: take it from the run's config
+    dataset_cfg = _get(config, "dataset", {}) or {}
+    dataset = results.setdefault("dataset", {})
+    for key in ("name", "split"):
+        if key not in dataset and _get(dataset_cfg, key) is not None:
+            dataset[key] = _get(dataset_cfg, key)
+    try:
+        return point_from_results(results, name)
+    except Unreadable as exc:
+        return Failure(name, _sweep_overrides(config), f"{UNREADABLE} W&B summary", str(exc))
 
 
 def parse_sweep_path(path: str) -> tuple[str, str, str]:
@@ -149,13 +161,34 @@ def run(args: argparse.Namespace, api=None) -> tuple[ParetoReport, Path]:
     if args.log_wandb:
         import os
 
-        log_summary_run(report, project=args.project or project or "cspexp", entity=args.entity or entity,
-                        group=args.group or group, mode=args.mode or os.environ.get("WANDB_MODE") or default_mode,
-                        save_dir=out, png=paths.get("pareto.png"))
+        try:
+            log_summary_run(report, project=args.project or project or "cspexp", entity=args.entity or entity,
+                            group=args.group or group, mode=args.mode or os.environ.get("WANDB_MODE") or default_mode,
+                            save_dir=out, png=paths.get("pareto.png"))
+        except Exception as exc:  # noqa: BLE001 — no login, no network: one line, the files are written
+            raise CspexpError(f"the report is in {out}, but its W&B summary run failed: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}") from exc
     return report, out
 
 
+def summary_lines(report: ParetoReport, out: Path) -> list[str]:
+    """What the command prints: the report's path and counts, why runs are on separate frontiers,
+    and one line per unreadable job (which file, what is wrong)."""
+    unreadable = report.unreadable
+    counts = f"{len(report.points)} points, {len(report.failed)} failed jobs"
+    if unreadable:
+        counts += f" ({len(unreadable)} unreadable)"
+    lines = [f"Pareto report: {Path(out) / 'report.md'} — {counts}"]
+    if report.separation:
+        lines.append(report.separation)
+    lines += [f"unreadable: {f.run_dir}: {f.error[len(UNREADABLE) + 1:]}: {f.message}" for f in unreadable]
+    return lines
+
+
 def main(argv: list[str] | None = None, api=None) -> int:
+    """Exit 0 when the report was written — also when jobs failed or were unreadable (they are
+    listed in it); 2 with one line on stderr when it was not (bad arguments, nothing to read, an
+    unwritable --out)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -163,7 +196,7 @@ def main(argv: list[str] | None = None, api=None) -> int:
     except CspexpError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    print(f"Pareto report: {Path(out) / 'report.md'} — {len(report.points)} points, {len(report.failed)} failed jobs")
+    print("\n".join(summary_lines(report, out)))
     return 0
 
 

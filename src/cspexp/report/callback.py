@@ -57,8 +57,12 @@ class ParetoCallback(Callback):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         outcome = SweepOutcome(report_dir=sweep_dir)
+        from cspexp.utils.errors import CspexpError
+
         try:
             self._report(config, sweep_dir, outcome)
+        except CspexpError as exc:  # the sweep dir cannot be written: one line, no traceback
+            outcome.error = str(exc)
         except Exception as exc:  # noqa: BLE001 — Hydra would turn it into a warning and exit 0
             log.exception("the Pareto report could not be written")
             outcome.error = f"the Pareto report in {sweep_dir} could not be written: {type(exc).__name__}: {exc}"
@@ -92,3 +96,7 @@ class ParetoCallback(Callback):
             maybe_log(report, logger_cfg, sweep_group(logger_cfg, sweep_dir), sweep_dir, paths.get("pareto.png"))
         log.info("Pareto report: %s (%d points, %d failed jobs)", paths["report.md"], len(report.points),
                  len(report.failed))
+        if report.separation:
+            log.info("%s", report.separation)
+        for f in report.unreadable:
+            log.warning("unreadable: job %s: %s: %s", f.run_dir, f.error.split(" ", 1)[1], f.message)

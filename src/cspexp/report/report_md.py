@@ -1,9 +1,11 @@
 """report.md: what a person reads first — the dense reference, the frontier, a table per method
-variant, and every failed job with its error."""
+variant, and every failed or unreadable job with its error. Runs that are not comparable (another
+model, dataset, split or sample set) get a section each, with its own dense reference and frontier,
+after one line that says why they were separated."""
 
 from __future__ import annotations
 
-from cspexp.report.pareto import ParetoReport, Point
+from cspexp.report.pareto import Group, ParetoReport, Point
 from cspexp.report.plots import reduction_pct
 
 
@@ -25,7 +27,7 @@ def _cell(text: str) -> str:
 
 
 def render_markdown(report: ParetoReport, title: str = "Pareto report", png: str | None = "pareto.png") -> str:
-    dense = report.dense
+    groups = report.groups()
     lines = [f"# {title}", ""]
     n_var = len({p.variant for p in report.points})
     lines.append(f"Source: `{report.source}` — {len(report.points)} point(s) in {n_var} curve(s), "
@@ -35,34 +37,60 @@ def render_markdown(report: ParetoReport, title: str = "Pareto report", png: str
                  "FLOPs per sample of the LLM prefill (results.json → `flops.image`). A point is on a frontier when "
                  "no other point has at most its FLOPs and at least its accuracy, one of them strictly.")
     lines.append("")
+    if len(groups) <= 1:
+        group = groups[0] if groups else None
+        lines += _dense_lines(group)
+        if png:
+            lines += [f"![accuracy vs image-token FLOPs]({png})", ""]
+        lines += _group_body(group, level=2)
+    else:
+        lines += [f"**Separate frontiers.** {report.separation}", ""]
+        if png:
+            lines += [f"![accuracy vs image-token FLOPs]({png})", ""]
+        for i, group in enumerate(groups, 1):
+            lines += [f"## Group {i}: {_cell(group.label)}", ""]
+            lines += _dense_lines(group)
+            lines += _group_body(group, level=3)
+    lines += _failed_lines(report)
+    return "\n".join(lines)
+
+
+def _dense_lines(group: Group | None) -> list[str]:
+    dense = group.dense if group is not None else None
+    lines = []
     if dense is not None:
         lines.append(f"**Dense reference** (`none`, run `{dense.run_dir}`): gIoU {_num(dense.giou)}, cIoU {_num(dense.ciou)}, "
                      f"{_gflops(dense.flops_image)} image-token GFLOPs per sample.")
-        copies = sum(p.is_dense for p in report.points) - 1
+        copies = sum(p.is_dense for p in group.points) - 1
         if copies:
             lines.append(f"({copies} more `none` job(s) in this sweep repeat it: `none` ignores `keep`.)")
     else:
         lines.append("**No dense reference** in these runs: reductions come from each run's own dense FLOPs. "
                      "Add one with `python -m cspexp prune=none hydra.run.dir=<sweep dir>/dense` and aggregate again.")
     lines.append("")
-    if png:
-        lines += [f"![accuracy vs image-token FLOPs]({png})", ""]
+    return lines
 
+
+def _group_body(group: Group | None, level: int) -> list[str]:
+    """The frontiers and the tables per variant of one group; `level`: the heading level of its sections."""
+    h, hh = "#" * level, "#" * (level + 1)
+    dense = group.dense if group is not None else None
+    lines = []
     for metric, name in (("giou", "gIoU"), ("ciou", "cIoU")):
-        lines += [f"## Frontier: {name} vs image-token FLOPs", ""]
-        front = report.frontier(metric)
+        lines += [f"{h} Frontier: {name} vs image-token FLOPs", ""]
+        front = group.frontier(metric) if group is not None else []
         if not front:
             lines += ["(no finished point)", ""]
             continue
         lines += ["| curve | keep | image GFLOPs | reduction | gIoU | cIoU | run |", "|---|---:|---:|---:|---:|---:|---|"]
         for p in front:
-            lines.append(f"| {_cell(p.variant)} | {_num(p.keep, 'g')} | {_gflops(p.flops_image)} | {_red(p, dense)} | "
+            lines.append(f"| {_cell(p.curve)} | {_num(p.keep, 'g')} | {_gflops(p.flops_image)} | {_red(p, dense)} | "
                          f"{_num(p.giou)} | {_num(p.ciou)} | {_cell(p.run_dir)} |")
         lines.append("")
 
-    lines += ["## Points by method", ""]
-    for variant, rows in report.variants().items():
-        lines += [f"### {variant}", "",
+    lines += [f"{h} Points by method", ""]
+    for rows in (group.variants().values() if group is not None else []):
+        lines += [f"{hh} {rows[0].curve}", "",
                   "| keep | image GFLOPs | reduction | gIoU | cIoU | frontier | samples | run |",
                   "|---:|---:|---:|---:|---:|---|---:|---|"]
         for p in rows:
@@ -71,15 +99,21 @@ def render_markdown(report: ParetoReport, title: str = "Pareto report", png: str
                          f"{_num(p.ciou)} | {marks} | {p.n_samples if p.n_samples is not None else '—'} | "
                          f"{_cell(p.run_dir)} |")
         lines.append("")
+    return lines
 
-    lines += ["## Failed jobs", ""]
+
+def _failed_lines(report: ParetoReport) -> list[str]:
+    lines = ["## Failed jobs", ""]
     if not report.failed:
-        lines += ["None.", ""]
-    else:
-        lines += ["| job | overrides | error | message |", "|---|---|---|---|"]
-        for f in report.failed:
-            overrides = " ".join(f.overrides) if f.overrides else "—"
-            lines.append(f"| {_cell(f.run_dir)} | `{_cell(overrides)}` | {_cell(f.error)} | {_cell(f.message[:300])} |")
-        lines += ["", "Re-run the sweep with the same `hydra.sweep.dir`: finished jobs are skipped, these run again."]
-        lines.append("")
-    return "\n".join(lines)
+        return lines + ["None.", ""]
+    lines += ["| job | overrides | error | message |", "|---|---|---|---|"]
+    for f in report.failed:
+        overrides = " ".join(f.overrides) if f.overrides else "—"
+        lines.append(f"| {_cell(f.run_dir)} | `{_cell(overrides)}` | {_cell(f.error)} | {_cell(f.message[:300])} |")
+    lines += ["", "Re-run the sweep with the same `hydra.sweep.dir`: finished jobs are skipped, these run again."]
+    if report.unreadable:
+        lines.append(f"{len(report.unreadable)} job(s) are *unreadable*: the file named in the error column is not "
+                     "what cspexp writes, and the message says what is wrong; fix or delete it, or re-run the job "
+                     "with `force=true`.")
+    lines.append("")
+    return lines

@@ -18,20 +18,19 @@ from cspexp.report.plots import reduction_pct
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "variant", "keep", "flops_image", "reduction_pct", "giou", "ciou", "frontier_giou",
-           "frontier_ciou", "run_dir"]
+           "frontier_ciou", "run_dir", "group"]
 
 
 def table_rows(report: ParetoReport, only_frontier: str | None = None) -> list[list]:
     """One row per point, sorted by reduction so that line charts draw left to right; with
-    `only_frontier` (giou | ciou), the frontier points of that metric only."""
-    dense = report.dense
+    `only_frontier` (giou | ciou), the frontier points of that metric only (each group's own)."""
     rows = []
     for p in report.points:
         if only_frontier and not getattr(p, f"frontier_{only_frontier}"):
             continue
-        red = reduction_pct(p, dense)
+        red = reduction_pct(p, report.dense_of(p))
         rows.append([p.method, p.variant, p.keep, p.flops_image, red, p.giou, p.ciou, p.frontier_giou,
-                     p.frontier_ciou, p.run_dir])
+                     p.frontier_ciou, p.run_dir, p.group])
     return sorted(rows, key=lambda r: (r[4] is None, r[4] if r[4] is not None else 0.0))
 
 
@@ -40,6 +39,9 @@ def log_summary_run(report: ParetoReport, *, project: str, entity: str | None = 
                     tags=(), wandb=None) -> None:
     """Open the summary run, log the table, charts and image, and finish it."""
     wandb = wandb or importlib.import_module("wandb")
+    groups = report.groups()
+    # several groups: one frontier line per group (frontiers of different groups are not one curve)
+    front_stroke = {"stroke": "group"} if len(groups) > 1 else {}
     table = wandb.Table(columns=COLUMNS, data=table_rows(report))
     run = wandb.init(
         project=project,
@@ -50,7 +52,8 @@ def log_summary_run(report: ParetoReport, *, project: str, entity: str | None = 
         tags=list(tags) or None,
         mode=mode,
         dir=str(save_dir) if save_dir else None,
-        config={"source": report.source, "n_points": len(report.points), "n_failed": len(report.failed)},
+        config={"source": report.source, "n_points": len(report.points), "n_failed": len(report.failed),
+                "n_groups": len(groups), "separated": report.separation},
         reinit="create_new",  # never attach to (or finish) a job's run that might still be open
     )
     charts = {"pareto/points": table}
@@ -62,7 +65,7 @@ def log_summary_run(report: ParetoReport, *, project: str, entity: str | None = 
             table, "reduction_pct", metric, stroke="variant", title=f"{name} by method vs FLOPs reduction (%)")
         front = wandb.Table(columns=COLUMNS, data=table_rows(report, only_frontier=metric))
         charts[f"pareto/{metric}_frontier"] = wandb.plot.line(
-            front, "reduction_pct", metric, title=f"{name} Pareto frontier vs FLOPs reduction (%)")
+            front, "reduction_pct", metric, title=f"{name} Pareto frontier vs FLOPs reduction (%)", **front_stroke)
     if png is not None and Path(png).is_file():
         charts["pareto/plot"] = wandb.Image(str(png))
     run.log(charts)
@@ -71,7 +74,8 @@ def log_summary_run(report: ParetoReport, *, project: str, entity: str | None = 
         "n_points": len(report.points),
         "n_failed": len(report.failed),
         "dense_giou": dense.giou if dense else None,
-        "dense_ciou": dense.ciou if dense else None,
+        "dense_ciou": dense.ciou if dense else None,  # null with several groups: see the table's dense rows
+        "n_groups": len(groups),
     })
     run.finish()
 
