@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from cspexp.utils.conf_dir import conf_dir
 from cspexp.utils.errors import ConfigError
-from cspexp.utils.failures import exit_status_of_sweep, run_task
+from cspexp.utils.failures import exit_status_of_sweep, run_task, survive_closed_stdout
 
 CONF_DIR = conf_dir()
 
@@ -62,6 +62,7 @@ def eval_main(cfg: DictConfig):
 def main() -> None:
     from cspexp.utils.preflight import preflight
 
+    survive_closed_stdout()  # `python -m cspexp … | head`: a run that succeeds still exits 0
     # Lightning 2.6 on torch 2.13 warns about its own pytree use at every start; not actionable here.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cspexp.utils.errors import CspexpError, MissingPathError
+from cspexp.utils.errors import CspexpError, MissingPathError, OutputError
 
 EXIT_USAGE = 2
 
@@ -58,31 +58,53 @@ def convert(src: Path, dst: Path, *, vision_tower: Path, dtype: str = "bfloat16"
         raise CspexpError(f"DST {str(dst)!r} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise CspexpError(f"DST {str(dst)!r} exists and is not empty; pass --force to replace it")
-    if not dst.parent.is_dir():
+    if not dst.parent.exists():
         raise MissingPathError(f"the parent directory of DST {str(dst.parent)!r} does not exist")
+    if not dst.parent.is_dir():
+        raise OutputError(f"DST {str(dst)!r} cannot be written: {dst.parent} is not a directory")
 
-    loaded = load_lisa(path=str(src), vision_tower=str(vision_tower), dtype=dtype, device="cpu",
-                       name=name or src.name, progress=progress)
-    # Written beside DST (same file system), so the final rename is atomic.
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    # Written beside DST (same file system), so the final rename is atomic. Made before the (long)
+    # load, so that a destination this process cannot write to fails at once.
     try:
-        save_model(loaded, tmp)
-        _share(tmp)
-        if dst.exists():  # --force: move the old one aside, put the new one in, then delete the old one
-            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-            os.replace(dst, old / dst.name)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old / dst.name, dst)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise OutputError(f"DST {str(dst)!r} cannot be written: {dst.parent} refuses a new directory "
+                          f"({exc.strerror or exc}); choose a directory you can write to") from None
+    try:
+        loaded = load_lisa(path=str(src), vision_tower=str(vision_tower), dtype=dtype, device="cpu",
+                           name=name or src.name, progress=progress)
+        try:
+            save_model(loaded, tmp)
+            _share(tmp)
+            _put_in_place(tmp, dst)
+        except OSError as exc:  # a full disk, a file system gone read-only
+            raise OutputError(f"cannot write DST {str(dst)!r}: {_reason(exc)}; DST was left as it was") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _put_in_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished `tmp` to `dst`; an existing `dst` (--force) is moved aside first and deleted
+    after, or put back if the rename fails."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
+        os.replace(dst, old / dst.name)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            os.replace(old / dst.name, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def _reason(exc: OSError) -> str:
+    """What the OS said (for an OutputError from an atomic write: its cause), without temporary names."""
+    cause = exc.__cause__ if isinstance(exc, OutputError) and isinstance(exc.__cause__, OSError) else exc
+    return cause.strerror or str(cause) or type(cause).__name__
 
 
 def _share(directory: Path) -> None:

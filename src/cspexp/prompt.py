@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from cspexp.utils.conf_dir import conf_dir
-    from cspexp.utils.failures import fail
+    from cspexp.utils.failures import fail, tolerate_closed_stdout
     from cspexp.utils.preflight import preflight
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         report = prompt_report(cfg, query)
     except CspexpError as exc:
         fail(str(exc))
-    print(json.dumps(report, ensure_ascii=False))
+    with tolerate_closed_stdout():  # `… | head -c 10` is not an error
+        print(json.dumps(report, ensure_ascii=False))
 
 
 if __name__ == "__main__":

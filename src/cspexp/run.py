@@ -2,7 +2,7 @@
 bound to the model's shape, the datasets, the loaded model — in the order that fails fastest.
 
 Evaluation, training and the prompt tool start here, so a config is validated one way everywhere:
-1. mandatory keys (``???``) are set;
+1. mandatory keys (``???``) are set, and a W&B logger that runs online has credentials;
 2. the method is built, and bound to the model's shape read from its config files *before* any
    weight is loaded (a bad schedule costs a second, not a checkpoint load);
 3. the datasets are built (the data checks of the caller run here, still before the model);
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cspexp.data import build_dataset, vocabulary
 from cspexp.models.base import LoadedModel, ModelShape
 from cspexp.models.loaders import build_model, model_shape
+from cspexp.utils.environment import check_wandb_login
 from cspexp.utils.errors import ConfigError
 from cspexp.utils.hydra_mode import in_multirun
 from cspexp.utils.instantiate import build
@@ -68,6 +69,7 @@ def build_run(
         check_data: called with the built datasets before the model loads (raise ConfigError).
     """
     require_values(cfg)
+    check_wandb_login(cfg.get("logger"))  # logger.mode=online without credentials: one line, before anything loads
     spec = build(cfg.prune)
     shape = model_shape(cfg.model)
     method = bind_method(spec, shape) if shape is not None else None

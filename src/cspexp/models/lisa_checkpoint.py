@@ -196,6 +196,8 @@ def load_vision_tower(vision_tower: str | Path, dtype: torch.dtype, attn_impleme
     read_vision_config(vision_tower)  # the clear errors for a missing or foreign directory
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report would list every text-tower key
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a second's load: a bar would only clutter stderr
     try:
         clip, info = CLIPVisionModel.from_pretrained(str(vision_tower), local_files_only=True, dtype=dtype,
                                                      attn_implementation=attn_implementation, output_loading_info=True)
@@ -203,6 +205,8 @@ def load_vision_tower(vision_tower: str | Path, dtype: torch.dtype, attn_impleme
         raise ConfigError(f"model.vision_tower={str(vision_tower)!r}: cannot load CLIP weights: {_first_line(exc)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
     bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
     if bad:
         raise ConfigError(f"model.vision_tower={str(vision_tower)!r}: the CLIP weights lack or misshape {_listing(bad)}")

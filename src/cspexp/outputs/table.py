@@ -41,5 +41,14 @@ def summary_table(results: dict) -> Table:
     return table
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich exits with status 1 when stdout's reader has gone; the run succeeded, so drop the output."""
+        from cspexp.utils.failures import stdout_closed
+
+        stdout_closed()
+
+
 def print_summary(results: dict, console: Console | None = None) -> None:
-    (console or Console()).print(summary_table(results))
+    """Print the summary table (to stdout by default; a closed stdout is not an error)."""
+    (console or _Console()).print(summary_table(results))

@@ -17,3 +17,8 @@ def require(condition: bool, message: str) -> None:
     """Raise a ConfigError with `message` unless `condition` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+class OutputError(CspexpError, OSError):
+    """A file or directory cspexp must write cannot be written (not a directory, not writable, disk
+    full). The message names the path."""

@@ -15,9 +15,11 @@ records the sweep's outcome here (`end_sweep`), and the entry point then exits n
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,66 @@ def fail(message: str, status: int = EXIT_USAGE) -> None:
     """End the process with one error line."""
     sys.stderr.write(f"error: {message}\n")
     sys.exit(status)
+
+
+# --------------------------------------------------------------------------- a closed stdout
+# `python -m cspexp … | head` closes stdout before the run ends. A run that succeeded must still
+# end normally (status 0, nothing on stderr): once a write finds the reader gone, the rest of stdout
+# goes to devnull — also the interpreter's flush at exit (Python's signal docs, "Note on SIGPIPE").
+def stdout_closed() -> None:
+    """The reader of stdout went away: point stdout's file descriptor at devnull."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # a stdout without a file descriptor (a test's capture): nothing to redirect
+
+
+@contextmanager
+def tolerate_closed_stdout() -> Iterator[None]:
+    """Around a final print: a closed stdout is not an error (the output is dropped)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()
+
+
+class _ClosedStdoutSafe:
+    """sys.stdout for a whole run: progress bars, log lines and the summary table all write here, and
+    a BrokenPipeError sends the rest to devnull instead of failing the run."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            stdout_closed()
+            return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            stdout_closed()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def survive_closed_stdout() -> None:
+    """Entry points call this first: sys.stdout then survives its reader going away."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _ClosedStdoutSafe):
+        sys.stdout = _ClosedStdoutSafe(sys.stdout)
 
 
 # --------------------------------------------------------------------------- one run

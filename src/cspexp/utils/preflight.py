@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cspexp.utils.choices import check_config
 from cspexp.utils.conf_dir import check_conf_dir
+from cspexp.utils.environment import check_output_dirs, check_wandb_login
 from cspexp.utils.errors import CspexpError
 from cspexp.utils.failures import fail
 
@@ -91,6 +92,9 @@ def preflight(conf_dir: Path, config_name: str, argv: list[str]) -> None:
             else:
                 try:  # values outside the Literal annotations of their `_target_`
                     check_config(cfg)
+                    check_wandb_login(cfg.get("logger"))  # logger.mode=online needs credentials
+                    # the run (or sweep) dir Hydra creates next must be writable
+                    check_output_dirs(config_name, overrides, any(a in MULTIRUN_FLAGS for a in argv))
                 except CspexpError as exc:
                     fail(str(exc))
                 return
