@@ -344,7 +344,7 @@ def test_cli_reads_a_saved_word_level_model(tmp_path, capsys):
     (["model=converted", "model.path={empty}", "query=x"], "neither tokenizer.model"),
     (["model=converted", "query=x"], "model.path is required"),
     (["model=tiny_random"], 'query="…" is required'),
-    (["model=tiny_random", "query=x", "sentence=maybe"], "sentence=maybe is not allowed"),
+    (["model=tiny_random", "query=x", "sentence=maybe"], "sentence='maybe' is not allowed"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     from cspexp.prompt import main

@@ -154,17 +154,18 @@ def test_multirun_writes_the_pareto_report_and_aggregate_rebuilds_it(tmp_path):
 # --------------------------------------------------------------------------- failures, resume, force
 def test_failed_job_is_reported_and_resume_skips_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ("prune=fastv", "prune.keep=0.3,1.5", *FAST, f"hydra.sweep.dir={sweep}")
+    args = ("prune=fastv", "prune.keep=0.3", "prune.layer=2,0", *FAST, f"hydra.sweep.dir={sweep}")
     first = run(*args, "viz.n_samples=1", "-m", cwd=tmp_path)
-    # the invalid keep fails job 1; job 0 still finishes, the report lists job 1, the exit is non-zero
+    # layer 0 does not fit FastV (it ranks with layer K−1): only binding to the model can tell, so job 1
+    # fails at run time; job 0 still finishes, the report lists job 1, the exit is non-zero
     assert first.returncode == 1, first.stderr[-3000:]
     assert (sweep / "0" / "results.json").is_file() and not (sweep / "1" / "results.json").exists()
     assert json.loads((sweep / "1" / "error.json").read_text())["error"] == "ConfigError"
     last = first.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 job of the sweep failed") and "prune.keep=1.5 is outside (0, 1]" in last
+    assert last.startswith("error: 1 job of the sweep failed") and "prune.layer=0 (layer 0) must be in 1..7" in last
     md = (sweep / "report.md").read_text()
     failed_section = md.split("## Failed jobs")[1]
-    assert "prune=fastv prune.keep=1.5" in failed_section and "ConfigError" in failed_section
+    assert "prune.layer=0" in failed_section and "ConfigError" in failed_section
     assert json.loads((sweep / "pareto.json").read_text())["failed"][0]["run_dir"] == "1"
     assert (sweep / "0" / "viz" / "sample_0.png").read_bytes().startswith(b"\x89PNG")  # viz.n_samples=1
 
@@ -174,7 +175,7 @@ def test_failed_job_is_reported_and_resume_skips_finished_jobs(tmp_path):
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == stamp  # job 0 was skipped ...
     assert "skipped: " in again.stderr + again.stdout  # ... and said so
 
-    forced = run("prune=fastv", "prune.keep=0.3", *FAST, f"hydra.sweep.dir={sweep}", "+force=true", "-m", cwd=tmp_path)
+    forced = run("prune=fastv", "prune.keep=0.3", "prune.layer=2", *FAST, f"hydra.sweep.dir={sweep}", "+force=true", "-m", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-3000:]  # job 1 of the earlier sweep is listed, not this run's
     assert (sweep / "0" / "results.json").stat().st_mtime_ns != stamp
     assert "skipped: " not in forced.stderr + forced.stdout

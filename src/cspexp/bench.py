@@ -33,7 +33,7 @@ from cspexp.pruning.methods import NoPruning, PruningContext
 from cspexp.run import bind_method
 from cspexp.utils.conf_dir import conf_dir
 from cspexp.utils.errors import ConfigError, CspexpError
-from cspexp.utils.failures import run_task
+from cspexp.utils.failures import run_task, survive_closed_stdout
 from cspexp.utils.instantiate import build
 from cspexp.utils.timing import Stopwatch
 
@@ -232,6 +232,7 @@ def bench_main(cfg: DictConfig):
 def main() -> None:
     from cspexp.utils.preflight import preflight
 
+    survive_closed_stdout()  # a closed stdout (`… | head`) does not fail a run that succeeds
     preflight(CONF_DIR, "bench", sys.argv[1:])
     bench_main()
 

@@ -32,7 +32,7 @@ from cspexp.outputs.files import write_json_atomic
 from cspexp.run import build_logger, build_run
 from cspexp.utils.conf_dir import conf_dir
 from cspexp.utils.errors import ConfigError, MissingPathError, require
-from cspexp.utils.failures import run_task
+from cspexp.utils.failures import run_task, survive_closed_stdout
 from cspexp.utils.instantiate import build
 
 log = logging.getLogger("cspexp.train")
@@ -141,6 +141,7 @@ def train_main(cfg: DictConfig):
 def main() -> None:
     from cspexp.utils.preflight import preflight
 
+    survive_closed_stdout()  # a closed stdout (`… | head`) does not fail a run that succeeds
     preflight(CONF_DIR, "train", sys.argv[1:])
     train_main()
 

@@ -46,7 +46,7 @@ from cspexp.data.files import (
     read_mask,
     read_rgb,
 )
-from cspexp.utils.choices import check_call
+from cspexp.utils.choices import PositiveInt, check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,11 @@ class FolderDataset(Dataset):
         self,
         root: str,
         annotations: str = "queries.jsonl",
-        n: int | None = None,
+        n: PositiveInt | None = None,
         mask_format: MaskFormat = "binary",
         split: str | None = None,
         on_error: OnError = "raise",
-        max_pixels: int = MAX_PIXELS,
+        max_pixels: PositiveInt = MAX_PIXELS,
     ) -> None:
         check_call(FolderDataset, {"mask_format": mask_format}, "dataset")
         if n is not None and n < 1:

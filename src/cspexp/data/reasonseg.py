@@ -61,7 +61,7 @@ from cspexp.data.files import (
     read_json,
     read_rgb,
 )
-from cspexp.utils.choices import check_call
+from cspexp.utils.choices import PositiveInt, check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
@@ -185,10 +185,10 @@ class ReasonSegDataset(Dataset):
         split: Split = "val",
         query: QuerySelection = "all",
         texts: Texts = "first",
-        n: int | None = None,
+        n: PositiveInt | None = None,
         on_error: OnError = "raise",
         rasterizer: str = "auto",
-        max_pixels: int = MAX_PIXELS,
+        max_pixels: PositiveInt = MAX_PIXELS,
     ) -> None:
         check_call(ReasonSegDataset, {"split": split, "query": query, "texts": texts}, "dataset")
         if n is not None and int(n) < 1:

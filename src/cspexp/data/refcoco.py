@@ -64,7 +64,7 @@ from cspexp.data.files import (
     image_size,
     read_rgb,
 )
-from cspexp.utils.choices import check_call
+from cspexp.utils.choices import PositiveInt, check_call
 from cspexp.utils.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
@@ -283,10 +283,10 @@ class RefCocoDataset(Dataset):
         split_by: str = "unc",
         split: Split = "val",
         images: str | None = None,
-        n: int | None = None,
+        n: PositiveInt | None = None,
         on_error: OnError = "raise",
         rasterizer: str = "auto",
-        max_pixels: int = MAX_PIXELS,
+        max_pixels: PositiveInt = MAX_PIXELS,
     ) -> None:
         if dataset not in SPLIT_BY:
             raise ConfigError(f"dataset.dataset={dataset!r} is not allowed; use one of {list(SPLIT_BY)}")

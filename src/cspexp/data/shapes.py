@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cspexp.utils.choices import check_call
+from cspexp.utils.choices import PositiveInt, check_call
 from cspexp.utils.errors import ConfigError
 
 __all__ = ["ShapesDataset", "DrawnShape", "Scene", "tokenize_query", "COLOURS", "KINDS", "CORNERS"]
@@ -574,7 +574,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         split: Split = "val",
-        n: int | None = None,
+        n: PositiveInt | None = None,
         seed: int = 0,
         image_size: int = 224,
         min_shapes: int = 3,

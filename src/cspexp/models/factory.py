@@ -7,6 +7,7 @@ every loader it returns a `LoadedModel` (`cspexp.models.base`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Annotated, TypedDict
 
 import torch
 from torch import nn
@@ -17,7 +18,51 @@ from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, resolve
 from cspexp.models.lisa import AttentionImplementation, ImageNorm, ImagePosition, LisaModel, SegQuery
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import build_word_tokenizer
+from cspexp.utils.choices import NonNegativeInt, PositiveInt, Range
 from cspexp.utils.errors import require
+
+
+class VisionSizes(TypedDict, total=False):
+    """`model.vision` of a random model: a CLIP ViT."""
+
+    image_size: PositiveInt
+    patch_size: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    select_layer: int
+    hidden_act: str
+
+
+class LlmSizes(TypedDict, total=False):
+    """`model.llm` of a random model: a LLaMA."""
+
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    max_position_embeddings: PositiveInt
+    rms_norm_eps: Annotated[float, Range(0.0, lo_open=True)]
+
+
+class SamSizes(TypedDict, total=False):
+    """`model.sam` of a random model: SAM's image encoder, prompt encoder and mask decoder."""
+
+    image_size: PositiveInt
+    patch_size: PositiveInt
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    window_size: NonNegativeInt
+    global_attn_indexes: list[NonNegativeInt]
+    prompt_dim: PositiveInt
+    mlp_dim: PositiveInt | None
+    mask_decoder_mlp_dim: PositiveInt
+    mask_decoder_heads: PositiveInt
+    iou_head_hidden_dim: PositiveInt
+    initializer_range: Annotated[float, Range(0.0)]
 
 
 def vision_config(vision: dict, attn_implementation: str) -> CLIPVisionConfig:
@@ -119,9 +164,9 @@ def random_lisa(
     *,
     name: str = "tiny_random",
     seed: int = 0,
-    vision: dict,
-    llm: dict,
-    sam: dict,
+    vision: VisionSizes,
+    llm: LlmSizes,
+    sam: SamSizes,
     dtype: Dtype = "float32",
     attn_implementation: AttentionImplementation = "sdpa",
     seg_query: SegQuery = "before",

@@ -1,13 +1,18 @@
 """Allowed config values, declared once and checked in one place.
 
-A parameter (or dataclass field, or `TypedDict` key) whose values are a closed set is annotated with
-`typing.Literal[...]` where it is declared; nothing else lists the set. `check_call` reads those
-annotations from a `_target_` and rejects a value outside its Literal with one line that names the
-key and the allowed values; `check_config` applies it to every node of a composed config that has a
-`_target_`, so a typo fails when the config is composed, before anything is built.
+A parameter (or dataclass field, or `TypedDict` key) declares what it accepts in its annotation, and
+nothing else repeats it:
+- a closed set of values: `typing.Literal[...]`;
+- a plain type: `int`, `float`, `bool`, `str` (and unions of them, `| None`): a value of another type
+  is refused (``dataset.n=abc``, ``dataset.n=2.5``, ``compare_dense=maybe``);
+- a range: `Annotated[int, Range(0)]` (inclusive bounds; see `Range`).
+`check_call` reads those annotations from a `_target_` and rejects a value outside them with one line
+that names the key and what is allowed; `check_config` applies it to every node of a composed config
+that has a `_target_`; `cspexp.utils.settings.check_settings` does the same for the keys without one, so a
+typo fails when the config is composed, before anything is built.
 
-Only Literal annotations are enforced (also inside unions, `TypedDict`s and `list[...]`); a plain
-`int` or `str` is left to the code that reads it.
+Annotations this module cannot check at run time (a class, a callable, `Any`) accept any value there;
+a union with such a member is checked for its Literal values only.
 """
 
 from __future__ import annotations
@@ -18,12 +23,40 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from cspexp.utils.errors import ConfigError
 
 _UNIONS = (typing.Union, types.UnionType)
 _SEQUENCES = (list, tuple, Sequence, typing.Sequence)
+_PLAIN = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a number, as ``Annotated[int, Range(0)]``: inclusive unless `lo_open` (None:
+    unbounded on that side)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def holds(self, value) -> bool:
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        return above and (self.hi is None or value <= self.hi)
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"must be <= {self.hi}"
+        return f"is outside {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+
+
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveInt = Annotated[int, Range(1)]
+Fraction = Annotated[float, Range(0.0, 1.0)]
+KeepFraction = Annotated[float, Range(0.0, 1.0, lo_open=True)]  # a share of tokens kept: (0, 1]
 
 
 def literal_values(annotation) -> tuple | None:
@@ -34,9 +67,35 @@ def literal_values(annotation) -> tuple | None:
 
 
 def _members(annotation) -> tuple:
+    annotation = _strip(annotation)
     if typing.get_origin(annotation) in _UNIONS:
-        return typing.get_args(annotation)
+        return tuple(_strip(m) for m in typing.get_args(annotation))
     return (annotation,)
+
+
+def _strip(annotation):
+    """`Annotated[X, ...]` → X."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+
+
+def _ranges(annotation) -> list[Range]:
+    """The `Range`s of an `Annotated` annotation, or of the `Annotated` members of a union."""
+    parts = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else (annotation,)
+    return [r for p in parts if typing.get_origin(p) is Annotated for r in p.__metadata__ if isinstance(r, Range)]
+
+
+def _plain_match(value, member) -> bool:
+    if member is bool:
+        return isinstance(value, bool)
+    if member is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if member is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _is_plain(member) -> bool:
+    return member in _PLAIN or typing.get_origin(member) is Literal
 
 
 def _matches_type(value, annotation) -> bool:
@@ -68,6 +127,19 @@ def check_value(value, annotation, key: str) -> None:
                 for i, v in enumerate(value):
                     check_value(v, item, f"{key}[{i}]")
                 return
+    plain = [m for m in others if m in _PLAIN]
+    if plain and all(_is_plain(m) for m in members if m is not type(None)):
+        # Only plain types and Literals: the value must be one of them (a checked type).
+        if not any(_plain_match(value, m) for m in plain):
+            if allowed is not None:
+                also = "".join(f" (or any {m.__name__})" for m in plain)
+                raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}{also}")
+            wanted = " or ".join(_PLAIN[m] for m in plain) + (" (or null)" if type(None) in members else "")
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be {wanted}")
+        for r in _ranges(annotation):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not r.holds(value):
+                raise ConfigError(f"{key}={value!r} {r.describe()}")
+        return
     if allowed is None or any(_matches_type(value, m) for m in others):
         return
     also = "".join(f" (or any {getattr(m, '__name__', m)})" for m in others)
@@ -83,7 +155,7 @@ def _check_mapping(value: Mapping, typed_dict, key: str) -> None:
     hints = _hints_of(typed_dict)
     for name, v in value.items():
         if name in hints:
-            check_value(v, hints[name], f"{key}.{name}")
+            check_value(v, hints[name], f"{key}.{name}" if key else str(name))
 
 
 @lru_cache(maxsize=None)
@@ -95,7 +167,7 @@ def _hints_of(target) -> dict[str, Any]:
     else:
         fn = target.__init__ if isinstance(target, type) else target
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)
     except Exception:  # one unresolvable annotation (a TYPE_CHECKING import): resolve the rest one by one
         pass
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
@@ -103,7 +175,8 @@ def _hints_of(target) -> dict[str, Any]:
     out = {}
     for name, ann in (getattr(fn, "__annotations__", None) or {}).items():
         try:
-            out[name] = typing.get_type_hints(types.SimpleNamespace(__annotations__={name: ann}), glb)[name]
+            out[name] = typing.get_type_hints(types.SimpleNamespace(__annotations__={name: ann}), glb,
+                                              include_extras=True)[name]
         except Exception:
             continue
     return out

@@ -11,7 +11,7 @@ import torch
 from cspexp.models.lisa import PAD
 from cspexp.pruning.scoring import query_attention, query_mask
 from cspexp.pruning.selection import indices_to_mask, topk_indices
-from cspexp.utils.choices import check_call
+from cspexp.utils.choices import KeepFraction, check_call
 from cspexp.utils.errors import require
 
 
@@ -46,7 +46,7 @@ class PruningSpec:
     #: whether the method needs the CLIP [CLS] attention in the context
     needs_cls_attention: ClassVar[bool] = False
 
-    keep: float = 1.0
+    keep: KeepFraction = 1.0
 
     def __post_init__(self) -> None:
         check_call(type(self), {f.name: getattr(self, f.name) for f in fields(self)}, "prune")

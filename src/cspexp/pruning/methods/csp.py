@@ -27,6 +27,7 @@ from typing import Literal, TypedDict
 
 import torch
 
+from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.engine import Tokens
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, sample_ids, score_image_tokens
 from cspexp.pruning.schedule import check_fraction, n_keep, resolve_span
@@ -90,7 +91,7 @@ class ClusterScatterPrune(PruningSpec):
 
     name = "csp"
 
-    keep: float = 0.1
+    keep: KeepFraction = 0.1
     query: Query = "seg"
     cluster: ClusterSettings | None = None
     scatter: ScatterSettings | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, score_image_tokens
 from cspexp.pruning.schedule import n_keep, resolve_layer
 from cspexp.pruning.scoring import Query
@@ -24,7 +25,7 @@ class FastV(PruningSpec):
 
     name = "fastv"
 
-    keep: float = 0.5
+    keep: KeepFraction = 0.5
     layer: int | float = 2
     query: Query = "seg"
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top
 from cspexp.pruning.schedule import n_keep, resolve_layer
 from cspexp.utils.errors import require
@@ -24,7 +25,7 @@ class NormDrop(PruningSpec):
 
     name: ClassVar[str] = "norm"
 
-    keep: float = 0.5
+    keep: KeepFraction = 0.5
     layer: int | float = 2
 
     def bind(self, num_layers: int, n_image: int) -> BoundNormDrop:

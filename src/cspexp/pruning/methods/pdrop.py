@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, score_image_tokens
 from cspexp.pruning.schedule import n_keep, resolve_layer
 from cspexp.pruning.scoring import Query
@@ -26,7 +27,7 @@ class PyramidDrop(PruningSpec):
 
     name = "pdrop"
 
-    keep: float = 0.5
+    keep: KeepFraction = 0.5
     layers: Sequence[int | float] = (0.25, 0.5, 0.75)
     query: Query = "seg"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec, sample_ids
 from cspexp.pruning.schedule import n_keep, resolve_layer
 from cspexp.pruning.selection import indices_to_mask, random_indices, sample_seed, uniform_grid
@@ -22,7 +23,7 @@ from cspexp.utils.errors import ConfigError
 
 @dataclass(frozen=True)
 class _DropAtLayer(PruningSpec, ABC):
-    keep: float = 0.5
+    keep: KeepFraction = 0.5
     layer: int | float = 2
 
     @abstractmethod

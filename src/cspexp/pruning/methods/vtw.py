@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec
 from cspexp.pruning.schedule import resolve_layer
 
@@ -19,7 +20,7 @@ from cspexp.pruning.schedule import resolve_layer
 class VisualTokenWithdrawal(PruningSpec):
     name = "vtw"
 
-    keep: float = 1.0
+    keep: KeepFraction = 1.0
     layer: int | float = 0.625
 
     def bind(self, num_layers: int, n_image: int) -> BoundVisualTokenWithdrawal:
