@@ -49,7 +49,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, rebuild_buffers, resolve_dtype
 from cspexp.models.lisa import AttentionImplementation, SegQuery
 from cspexp.models.processor import LisaProcessor
-from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError, require
+from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError, one_line, require
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def llama_config(config: Mapping, attn_implementation: str, file: Path | str = "
     try:
         cfg = _llama_config(config)
     except Exception as exc:  # noqa: BLE001 — transformers' config validation raises several types
-        raise ConfigError(f"{file} describes a LLaMA that cannot be built: {_one_line(exc)}") from None
+        raise ConfigError(f"{file} describes a LLaMA that cannot be built: {one_line(exc)}") from None
     cfg._attn_implementation = attn_implementation
     return cfg
 
@@ -179,7 +179,7 @@ def read_vision_config(vision_tower: str | Path, label: str = "model.vision_towe
     except CspexpError:
         raise
     except Exception as exc:  # noqa: BLE001 — json, transformers and its config validation raise several types
-        raise ConfigError(f"{label}={str(path)!r} is not a CLIP checkpoint directory: {_one_line(exc)}") from None
+        raise ConfigError(f"{label}={str(path)!r} is not a CLIP checkpoint directory: {one_line(exc)}") from None
     for key in ("image_size", "patch_size", "hidden_size"):
         value = getattr(vision, key, None)
         require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -391,17 +391,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _one_line(exc: BaseException) -> str:
-    """The exception's message on one line (continuation lines joined)."""
-    text = ""
-    for line in (line.strip() for line in str(exc).splitlines()):
-        if line:
-            text += (" " if text.endswith(":") else "; ") + line if text else line
-    if isinstance(exc, KeyError):  # its message is only the key
-        return f"KeyError {text}"
-    return text or type(exc).__name__
-
-
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -491,7 +480,7 @@ def load_lisa(
     except CspexpError:
         raise
     except Exception as exc:  # noqa: BLE001 — only configs reach here (e.g. an unknown rope_scaling type)
-        raise ConfigError(f"{ckpt / 'config.json'} describes a model that cannot be built: {_one_line(exc)}") from None
+        raise ConfigError(f"{ckpt / 'config.json'} describes a model that cannot be built: {one_line(exc)}") from None
     model.vision_tower = clip
     has_tower = any(k.startswith(TOWER_PREFIX) for k in shapes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if has_tower or not k.startswith("vision_tower.")}

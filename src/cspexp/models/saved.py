@@ -23,7 +23,7 @@ from cspexp.models.base import Dtype, LoadedModel, ModelShape, assemble, rebuild
 from cspexp.models.lisa import AttentionImplementation, SegQuery
 from cspexp.models.processor import LisaProcessor
 from cspexp.models.tokenizer import load_word_tokenizer, save_word_tokenizer
-from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError
+from cspexp.utils.errors import ConfigError, CspexpError, MissingPathError, one_line
 
 FORMAT = "cspexp-lisa"
 VERSION = 1
@@ -167,7 +167,7 @@ def stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as exc:  # noqa: BLE001 — safetensors raises its own error types; any of them means a bad file
-        raise ConfigError(f"cannot read {file}: {_one_line(exc)}") from None
+        raise ConfigError(f"cannot read {file}: {one_line(exc)}") from None
 
 
 def check_weights(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], file: Path) -> None:
@@ -189,17 +189,6 @@ def check_weights(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, t
 
 def _listing(keys: list[str], limit: int = 5) -> str:
     return f"{keys[:limit]}{f' … and {len(keys) - limit} more' if len(keys) > limit else ''}"
-
-
-def _one_line(exc: BaseException) -> str:
-    """The exception's message on one line (continuation lines joined)."""
-    text = ""
-    for line in (line.strip() for line in str(exc).splitlines()):
-        if line:
-            text += (" " if text.endswith(":") else "; ") + line if text else line
-    if isinstance(exc, KeyError):  # its message is only the key
-        return f"KeyError {text}"
-    return text or type(exc).__name__
 
 
 def saved_shape(cfg: Mapping) -> ModelShape:
@@ -255,7 +244,7 @@ def load_saved(
     except Exception as exc:  # noqa: BLE001 — transformers' config validation raises several types
         # Only config.json's values reach here: one transformers cannot build (hidden_size not a
         # multiple of the heads, a string for an int, …) is the file's fault, named in one line.
-        raise ConfigError(f"{file} describes a model that cannot be built: {_one_line(exc)}") from None
+        raise ConfigError(f"{file} describes a model that cannot be built: {one_line(exc)}") from None
     weights = path / "model.safetensors"
     # Names and shapes from the file's header, against the architecture: before any tensor is read.
     check_weights(stored_shapes(weights), {k: tuple(v.shape) for k, v in model.state_dict().items()}, weights)

@@ -22,3 +22,14 @@ def require(condition: bool, message: str) -> None:
 class OutputError(CspexpError, OSError):
     """A file or directory cspexp must write cannot be written (not a directory, not writable, disk
     full). The message names the path."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (continuation lines joined)."""
+    text = ""
+    for line in (line.strip() for line in str(exc).splitlines()):
+        if line:
+            text += (" " if text.endswith(":") else "; ") + line if text else line
+    if isinstance(exc, KeyError):  # its message is only the key
+        return f"KeyError {text}"
+    return text or type(exc).__name__
