@@ -116,7 +116,8 @@ def evaluate(cfg: DictConfig) -> dict:
             (out_dir / name).unlink(missing_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    run = build_run(cfg)
+    # A multirun's jobs share one model load (`cspexp.run.load_model`): evaluation never changes it.
+    run = build_run(cfg, reuse_model=bool((cfg.get("cache") or {}).get("model", True)) and in_multirun())
     data = EvalData(run.dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, run.loaded.processor.collate)
     # One W&B run (or CSV log) per evaluation: rank 0's (docs/pitfalls.md, "W&B: one run per evaluation").
     logger = build_logger(cfg) if main_process else None

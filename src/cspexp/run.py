@@ -12,6 +12,8 @@ Evaluation, training and the prompt tool start here, so a config is validated on
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from cspexp.utils.environment import check_wandb_login
 from cspexp.utils.errors import ConfigError
 from cspexp.utils.hydra_mode import in_multirun
 from cspexp.utils.instantiate import build
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,7 @@ def build_run(
     datasets: Mapping[str, DictConfig] | None = None,
     vocabulary_from: str = "eval",
     check_data: Callable[[dict], None] | None = None,
+    reuse_model: bool = False,
 ) -> Run:
     """Build the run of `cfg` (see the module docstring for the order).
 
@@ -67,6 +72,8 @@ def build_run(
         datasets: role → dataset config; default ``{"eval": cfg.dataset}``.
         vocabulary_from: the role whose vocabulary a word-level tokenizer is built over.
         check_data: called with the built datasets before the model loads (raise ConfigError).
+        reuse_model: take the model the previous run of this process loaded, if it was loaded from
+            the same config and vocabulary (`load_model`); only for runs that never change it.
     """
     require_values(cfg)
     check_wandb_login(cfg.get("logger"))  # logger.mode=online without credentials: one line, before anything loads
@@ -76,10 +83,45 @@ def build_run(
     built = {role: build_dataset(node) for role, node in (datasets or {"eval": cfg.dataset}).items()}
     if check_data is not None:
         check_data(built)
-    loaded = build_model(cfg.model, vocabulary(built[vocabulary_from]))
+    loaded = load_model(cfg.model, vocabulary(built[vocabulary_from]), reuse=reuse_model)
     if method is None:
         method = bind_method(spec, loaded.shape)
     return Run(method=method, datasets=built, loaded=loaded)
+
+
+@dataclass
+class _KeptModel:
+    key: str
+    loaded: LoadedModel
+
+
+_kept: _KeptModel | None = None  # the model the last reusing run of this process loaded
+
+
+def model_key(cfg_model, words: list[str]) -> str:
+    """What a loaded model depends on: its resolved config and, for loaders that build their
+    tokenizer from the data, the vocabulary."""
+    container = OmegaConf.to_container(cfg_model, resolve=True) if isinstance(cfg_model, DictConfig) else dict(cfg_model)
+    return json.dumps({"model": container, "words": sorted(words)}, sort_keys=True, default=str)
+
+
+def load_model(cfg_model, words: list[str], reuse: bool = False) -> LoadedModel:
+    """The model of `cfg_model`. With `reuse`, the model is kept for the next run of this process and
+    a run with the same `model_key` takes it instead of loading it again — the jobs of a multirun
+    (Hydra's basic launcher runs them one after another in one process) load it once. One model is
+    kept at a time: a job with another model config drops it before loading its own. Evaluation never
+    changes a model (tests/test_model_reuse.py checks its weights before and after a pruned job);
+    training does, so it never reuses."""
+    global _kept
+    key = model_key(cfg_model, words)
+    if reuse and _kept is not None and _kept.key == key:
+        log.info("model %s reused from the previous job of this process (cache.model=true)", _kept.loaded.name)
+        return _kept.loaded
+    _kept = None  # free the previous model before the next one loads
+    loaded = build_model(cfg_model, words)
+    if reuse:
+        _kept = _KeptModel(key, loaded)
+    return loaded
 
 
 def build_logger(cfg: DictConfig):

@@ -29,6 +29,10 @@ class Objective(TypedDict):
     penalty: NonNegativeFloat
 
 
+class Cache(TypedDict):
+    model: bool
+
+
 class EvalSettings(TypedDict, total=False):
     """conf/eval.yaml (`python -m cspexp`)."""
 
@@ -40,6 +44,7 @@ class EvalSettings(TypedDict, total=False):
     compare_dense: bool | Literal["auto"]
     force: bool | None
     viz: Viz
+    cache: Cache
     objective: Objective
     optimized_metrics: list[str] | None
 
