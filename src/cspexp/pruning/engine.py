@@ -5,11 +5,17 @@ a method must be able to *drop* image tokens (they leave the computation, so tim
 and to *restore* parked ones later (csp's scattering stage), which no hook-based peer supports.
 
 Invariants the loop keeps:
-- tokens stay sorted by their original position (`pos`), and RoPE always uses `pos`, never a
-  renumbering — so a dropped token leaves a gap, as in FastV / VTW;
-- after any change the attention mask and the rotary (cos, sin) are rebuilt from `pos` and `kind`
-  (never left for transformers to infer: gapped position ids without a mask are read as packed
-  sequences by transformers 5's `create_causal_mask`);
+- tokens stay sorted by their original position (`pos`); `pos` alone orders them and builds the
+  causal mask, whatever RoPE uses;
+- RoPE uses `rope_pos`, which starts equal to `pos` and follows each token through every edit
+  (`take`, `keep_columns`, `drop_image`, `insert`), so by default a dropped token leaves a gap in
+  the rotary positions, as in FastV / VTW. Only `renumber()` makes the two differ: it gives the
+  tokens present positions 0..n−1 in column order — PyramidDrop's re-indexing after a drop
+  (`prune.positions=renumber`), which changes what attention sees of distance, never who may attend
+  to whom. Padding is on the right, so real tokens get 0..n_real−1;
+- after any change the attention mask (from `pos` and `kind`) and the rotary (cos, sin) (from
+  `rope_pos`) are rebuilt (never left for transformers to infer: gapped position ids without a mask
+  are read as packed sequences by transformers 5's `create_causal_mask`);
 - every sample of a batch has the same number of image tokens (choices differ per sample), so the
   batch stays a dense tensor; text padding is masked.
 With nothing dropped the loop reproduces `LlamaModel.forward` (tested to 1e-5 in fp32).
@@ -37,6 +43,7 @@ class Tokens:
     pos: torch.Tensor
     kind: torch.Tensor
     grid: torch.Tensor
+    rope_pos: torch.Tensor | None = None  # RoPE positions; None: the same as `pos`
 
 
 @dataclass
@@ -60,7 +67,7 @@ class TokenState:
     """What the decoder loop carries from layer to layer. See the module docstring for invariants."""
 
     hidden: torch.Tensor  # [B, n, d]
-    pos: torch.Tensor  # [B, n] original position ids (RoPE)
+    pos: torch.Tensor  # [B, n] original position ids (order and causal mask)
     kind: torch.Tensor  # [B, n] SYSTEM / IMAGE / TEXT / PAD
     grid: torch.Tensor  # [B, n] image-grid index, −1 for non-image tokens
     trace: Trace
@@ -68,6 +75,11 @@ class TokenState:
     seg_pos: torch.Tensor  # [B] position of the [SEG] token
     extras: dict[str, Any] = field(default_factory=dict)  # a method's own bookkeeping (e.g. parked tokens)
     changed: bool = True  # mask and rotary must be rebuilt before the next layer
+    rope_pos: torch.Tensor | None = None  # [B, n] RoPE position ids; `pos` unless a method renumbered
+
+    def __post_init__(self) -> None:
+        if self.rope_pos is None:
+            self.rope_pos = self.pos
 
     @classmethod
     def from_prompt(cls, prompt: PromptEmbeds, num_layers: int) -> "TokenState":
@@ -119,12 +131,22 @@ class TokenState:
             pos=torch.gather(self.pos, 1, columns),
             kind=torch.gather(self.kind, 1, columns),
             grid=torch.gather(self.grid, 1, columns),
+            rope_pos=torch.gather(self.rope_pos, 1, columns),
         )
 
     def keep_columns(self, columns: torch.Tensor) -> None:
         """Keep only the tokens at `columns` [B, m] (sorted per row); the others leave the computation."""
         kept = self.take(columns)
         self.hidden, self.pos, self.kind, self.grid = kept.hidden, kept.pos, kept.kind, kept.grid
+        self.rope_pos = kept.rope_pos
+        self.changed = True
+
+    def renumber(self) -> None:
+        """Give the tokens present RoPE positions 0..n−1 in column (= original position) order;
+        `pos`, the order and the mask stay. Right padding comes after every real token, so the real
+        tokens of a row get 0..n_real−1 (PyramidDrop's position ids after a drop)."""
+        n = self.pos.shape[1]
+        self.rope_pos = torch.arange(n, dtype=self.pos.dtype, device=self.pos.device).expand_as(self.pos).clone()
         self.changed = True
 
     def drop_image(self, keep: torch.Tensor) -> Tokens:
@@ -148,16 +170,20 @@ class TokenState:
         return dropped
 
     def insert(self, tokens: Tokens) -> None:
-        """Put `tokens` back into the sequence at their original positions."""
+        """Put `tokens` back into the sequence at their original positions. They keep the RoPE
+        positions they left with (`tokens.rope_pos`, or `tokens.pos` when None); after a `renumber`
+        a method that wants 0..n−1 again renumbers again."""
         hidden = torch.cat([self.hidden, tokens.hidden.to(self.hidden.dtype)], dim=1)
         pos = torch.cat([self.pos, tokens.pos], dim=1)
         kind = torch.cat([self.kind, tokens.kind], dim=1)
         grid = torch.cat([self.grid, tokens.grid], dim=1)
+        rope_pos = torch.cat([self.rope_pos, tokens.pos if tokens.rope_pos is None else tokens.rope_pos], dim=1)
         order = torch.argsort(pos, dim=1, stable=True)
         self.hidden = _gather_rows(hidden, order)
         self.pos = torch.gather(pos, 1, order)
         self.kind = torch.gather(kind, 1, order)
         self.grid = torch.gather(grid, 1, order)
+        self.rope_pos = torch.gather(rope_pos, 1, order)
         self.changed = True
 
 
@@ -190,14 +216,15 @@ def attention_mask(state: TokenState, implementation: AttentionImplementation) -
 
 class StateView:
     """Read-only access to a `TokenState`, what observers get: every field and query passes through
-    (`hidden`, `pos`, `kind`, `grid`, `trace`, `n_image`, `image_columns()`, ...), `extras` as a
-    read-only mapping; the edits (`drop_image`, `insert`, `keep_columns`) and assignment raise.
+    (`hidden`, `pos`, `rope_pos`, `kind`, `grid`, `trace`, `n_image`, `image_columns()`, ...), `extras`
+    as a read-only mapping; the edits (`drop_image`, `insert`, `keep_columns`, `renumber`) and
+    assignment raise.
 
     The tensors are the state's own, not copies: an observer may compute from them with gradients
     (training supervises attention rows), and must not edit them in place."""
 
     __slots__ = ("_state",)
-    _EDITS = frozenset({"drop_image", "insert", "keep_columns"})
+    _EDITS = frozenset({"drop_image", "insert", "keep_columns", "renumber"})
 
     def __init__(self, state: TokenState) -> None:
         object.__setattr__(self, "_state", state)
@@ -257,7 +284,7 @@ class DecoderLoop:
             method.before_layer(layer_idx, state, ctx)
             if state.changed:
                 mask = attention_mask(state, self.implementation)
-                position_embeddings = self.model.rotary_emb(state.hidden, position_ids=state.pos)
+                position_embeddings = self.model.rotary_emb(state.hidden, position_ids=state.rope_pos)
                 state.changed = False
             state.trace.image_per_layer[:, layer_idx] = (state.kind == IMAGE).sum(1)
             state.trace.tokens_per_layer[:, layer_idx] = (state.kind != PAD).sum(1)
@@ -266,7 +293,7 @@ class DecoderLoop:
             state.hidden = layer(
                 state.hidden,
                 attention_mask=mask,
-                position_ids=state.pos,
+                position_ids=state.rope_pos,
                 position_embeddings=position_embeddings,
             )
         state.hidden = self.model.norm(state.hidden)

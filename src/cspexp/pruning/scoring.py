@@ -1,9 +1,10 @@
 """Attention of chosen query tokens to the image tokens, without a full attention matrix.
 
-PyramidDrop's trick: apply the layer's own input norm and q/k projections, RoPE at the tokens'
-original positions, and compute only the query rows (q × Kᵀ over the keys each query may see).
-The main path keeps SDPA / flash attention; the cost is a k-projection of the sequence plus a few
-rows, reported as the method's overhead. Rows are softmax-normalised over all visible keys (as in
+PyramidDrop's trick: apply the layer's own input norm and q/k projections, RoPE at the positions
+the layer itself uses (`state.rope_pos`: the original positions unless a method renumbered), and
+compute only the query rows (q × Kᵀ over the keys each query may see, by original position). The
+main path keeps SDPA / flash attention; the cost is a k-projection of the sequence plus a few rows,
+reported as the method's overhead. Rows are softmax-normalised over all visible keys (as in
 the real attention), then averaged over heads and over the query tokens.
 """
 
@@ -55,7 +56,7 @@ def query_attention(layer, rotary_emb, state, query: Query = "seg", head: int | 
     q_cols = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :width]  # [B, q]
     q_weight = (torch.arange(width, device=x.device)[None, :] < n_q[:, None]).float()  # [B, q]
 
-    cos, sin = rotary_emb(x, position_ids=state.pos)  # [B, n, head_dim]
+    cos, sin = rotary_emb(x, position_ids=state.rope_pos)  # [B, n, head_dim]: RoPE positions
     xq = torch.gather(x, 1, q_cols[..., None].expand(-1, -1, x.shape[-1]))
     q = attn.q_proj(xq).view(B, -1, attn.config.num_attention_heads, head_dim).transpose(1, 2)  # [B, H, q, hd]
     k = attn.k_proj(x).view(B, n, -1, head_dim).transpose(1, 2)  # [B, Hkv, n, hd]
