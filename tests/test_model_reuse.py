@@ -47,7 +47,7 @@ def as_multirun_job(monkeypatch, on: bool = True):
 
 
 def rows(path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "latency_ms"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("latency_ms", "features")}
             for line in path.read_text().splitlines()]
 
 

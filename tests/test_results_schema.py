@@ -22,7 +22,8 @@ def record(idx, kind, inter, union, image_per_layer, flops_image, latency):
         "idx": idx, "query_kind": kind, "intersection": inter, "union": union,
         "iou": 1.0 if union == 0 else inter / (union + 1e-5),
         "image_per_layer": image_per_layer, "tokens_per_layer": [n + 10 for n in image_per_layer],
-        "overhead_events": [], "latency_ms": {"llm_prefill": latency / 2, "end_to_end": latency},
+        "overhead_events": [],
+        "latency_ms": {"vision": latency / 4, "llm_prefill": latency / 2, "mask_decoder": latency / 4, "end_to_end": latency},
         "flops_llm": 2 * flops_image, "flops_llm_dense": 400.0, "flops_image": flops_image,
         "flops_image_dense": 300.0, "flops_overhead": 1.0,
     }
@@ -55,7 +56,7 @@ def test_results_numbers_come_from_the_records_by_hand(results):
     assert results["metrics_by_kind"]["relational"] == pytest.approx({"giou": ious[2], "ciou": 0.25, "n": 1}, rel=1e-6)
     assert results["flops"]["image"] == pytest.approx(120.0) and results["flops"]["reduction_image"] == pytest.approx(0.6)
     assert results["tokens"]["image_per_layer"] == [4, 4, 2, 1] and results["tokens"]["avg_image_per_layer"] == 2.75
-    assert results["latency_ms"] == {"llm_prefill": 10.0, "end_to_end": 20.0}
+    assert results["latency_ms"] == {"vision": 5.0, "llm_prefill": 10.0, "mask_decoder": 5.0, "end_to_end": 20.0}
     # objective: gIoU minus the penalty for the reduction short of the target (0.8 − 0.6)
     assert results["objective"] == pytest.approx(results["metrics"]["giou"] - 0.2)
     json.dumps(results)  # what results.json holds must be JSON

@@ -1,27 +1,33 @@
 """`evaluate(cfg)`: one Pareto point — build, run, measure, write. The CLI, tests and sweeps call it.
 
 `evaluate` is the list of steps; each step is one function here or one module elsewhere:
-resume (`finished_results`) → build (`cspexp.run.build_run`: method, data, model, fastest failure
-first) → test (`run_test_loop`, the Lightning loop of `cspexp.lit.eval_module`, which returns the
-per-sample records once) → the dense reference on the same samples (`wants_dense`) → results
-(`cspexp.outputs.results.build_results`) → pictures → files (`samples.jsonl`, then `results.json`
-last: its existence means the run is complete, which a resumed sweep relies on) → the logger.
+resume (`finished_results`) → a repeat of an earlier job of the sweep (`earlier_point`: its results
+are reused) → build (`cspexp.run.build_run`: method, data, model, fastest failure first) → the
+feature cache (`build_feature_cache`) → test (`run_test_loop`, the Lightning loop of
+`cspexp.lit.eval_module`, which returns the per-sample records once) → the dense reference on the
+same samples (`wants_dense`) → results (`cspexp.outputs.results.build_results`) → pictures → files
+(`samples.jsonl`, then `results.json` last: its existence means the run is complete, which a resumed
+sweep relies on) → the logger.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cspexp.data.files import skipped_summary
 from cspexp.data.sampling import EvalData
+from cspexp.features.cache import FeatureCache, feature_cache_mode, in_sweep_agent
 from cspexp.lit.distributed import check_processes, process_rank, share_from_rank_zero
 from cspexp.lit.eval_module import EvalModule, EvalOutcome
 from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from cspexp.outputs.repeats import copy_outputs, find_earlier, point_identity, repeat_results
 from cspexp.outputs.results import build_results, config_hash, measure, summary_of
 from cspexp.run import Run, build_logger, build_run, require_values
 from cspexp.utils.hydra_mode import in_multirun
@@ -60,6 +66,19 @@ def report_breakdown(loaded, method, batch: dict, out_dir: Path) -> dict:
     return result
 
 
+def earlier_point(cfg: DictConfig, out_dir: Path) -> tuple[str, tuple[Path, dict] | None]:
+    """This job's `point_identity` and, in a multirun with ``cache.points`` on, the finished job of
+    the same sweep dir it repeats (None when it repeats none)."""
+    spec = build(cfg.prune)
+    identity = point_identity(cfg, spec.describe(), wants_dense(cfg, spec))
+    if not in_multirun() or not bool((cfg.get("cache") or {}).get("points", True)) or cfg.get("force"):
+        return identity, None
+    sweep_dir = Path(str(HydraConfig.get().sweep.dir)).resolve()
+    if out_dir.resolve().parent != sweep_dir:
+        return identity, None  # a job dir outside the sweep dir (hydra.sweep.subdir nested): no siblings to read
+    return identity, find_earlier(sweep_dir, identity, out_dir)
+
+
 def wants_dense(cfg: DictConfig, method) -> bool:
     """`compare_dense`: true, false, or auto — a single run of a pruning method also evaluates the
     dense model on the same samples (so its table shows the trade-off); a sweep has its own dense job."""
@@ -71,10 +90,23 @@ def wants_dense(cfg: DictConfig, method) -> bool:
     return bool(setting)
 
 
-def run_test_loop(cfg: DictConfig, run: Run, method, data: EvalData, trainer) -> EvalOutcome | None:
+def build_feature_cache(cfg: DictConfig, run: Run, device, dense_reference: bool) -> FeatureCache | None:
+    """The feature cache of ``cache.features`` (`cspexp.features.cache.feature_cache_mode`), or None."""
+    spec = cfg.get("cache") or {}
+    directory = spec.get("dir")
+    mode = feature_cache_mode(spec.get("features", "auto"), directory, in_multirun(), in_sweep_agent(),
+                              dense_reference)
+    if mode == "off":
+        return None
+    max_bytes = int(float(spec.get("max_memory_gb", 2.0)) * 2**30)
+    return FeatureCache(run.loaded, device, max_bytes, directory if mode == "memory+disk" else None)
+
+
+def run_test_loop(cfg: DictConfig, run: Run, method, data: EvalData, trainer,
+                  features: FeatureCache | None = None) -> EvalOutcome | None:
     """One Lightning test loop of `method` over `data`. Under ``trainer=ddp`` every rank runs its
     slice; the merged outcome is returned on rank 0, None on the others."""
-    module = EvalModule(run.loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup)
+    module = EvalModule(run.loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup, features=features)
     trainer.test(module, datamodule=data, verbose=False)
     return module.collect(trainer.strategy.root_device)
 
@@ -100,6 +132,7 @@ def evaluate(cfg: DictConfig) -> dict:
     Under ``trainer=ddp`` every process runs this function, each on its own slice of the samples
     (`EvalData`); only rank 0 reads or writes the run directory and talks to the logger, and every
     rank returns rank 0's results."""
+    started = time.time()
     out_dir = Path(cfg.paths.output_dir)
     require_values(cfg)
     main_process = process_rank() == 0
@@ -115,6 +148,9 @@ def evaluate(cfg: DictConfig) -> dict:
         for name in ("results.json", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    identity, earlier = earlier_point(cfg, out_dir) if main_process else (None, None)
+    if earlier is not None:
+        return reuse_point(cfg, out_dir, *earlier, started)
 
     # A multirun's jobs share one model load (`cspexp.run.load_model`): evaluation never changes it.
     run = build_run(cfg, reuse_model=bool((cfg.get("cache") or {}).get("model", True)) and in_multirun())
@@ -128,44 +164,88 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.flops.report and main_process:
         # Before the test, hence before trainer=ddp starts its other processes: nobody waits on it.
         report_breakdown(run.loaded, run.method, data.first_batch(), out_dir)
-    outcome = run_test_loop(cfg, run, run.method, data, trainer)
-    dense = dense_reference(cfg, run, data)
+    with_dense = wants_dense(cfg, run.method)
+    features = build_feature_cache(cfg, run, trainer.strategy.root_device, with_dense)
+    outcome = run_test_loop(cfg, run, run.method, data, trainer, features)
+    dense_outcome = dense_reference(cfg, run, data, features) if with_dense else None
     if not main_process:
         return share_from_rank_zero(None)  # this process is done: rank 0 writes the outputs
 
+    outcomes = [o for o in (outcome, dense_outcome) if o is not None]
     results = build_results(
         cfg=cfg, method_info=run.method.describe(), model_name=run.loaded.name, model_dims=run.loaded.dims(),
         # per-kind metrics are computed on rank 0 alone: a sync inside compute() would wait for the others forever
-        outcome=outcome, metric_factory=lambda: build(cfg.metrics, sync_on_compute=False), dense=dense,
+        outcome=outcome, metric_factory=lambda: build(cfg.metrics, sync_on_compute=False),
+        dense=None if dense_outcome is None else measure(dense_outcome.records, dense_outcome.metrics,
+                                                         run.loaded.model.num_layers),
         skipped=skipped_summary(run.dataset),
+        cache=cache_summary(features, outcomes),
+        cost={"model": "reused" if run.model_reused else "loaded",
+              "vision_passes": sum(o.vision_passes for o in outcomes),
+              **job_times(started)},
+        point_identity=identity,
     )
     results = share_from_rank_zero(results)
     n_viz = int((cfg.get("viz") or {}).get("n_samples", 0) or 0)
     if n_viz > 0:
         draw_pictures(run.loaded, run.method, run.dataset, n_viz, out_dir, logger)
     write_jsonl_atomic(out_dir / "samples.jsonl", outcome.records)
+    finish(out_dir, results, logger)
+    return results
+
+
+def job_times(started: float) -> dict:
+    """The job's wall time and its span in Unix seconds (the sweep report's wall time is the span of its jobs)."""
+    now = time.time()
+    return {"wall_s": now - started, "started_at": started, "finished_at": now}
+
+
+def cache_summary(features: FeatureCache | None, outcomes: list[EvalOutcome]) -> dict:
+    """results.json's ``cache`` block: the mode, and the counts of the run's loops summed (the run
+    and its dense reference)."""
+    counts = {"hits": 0, "misses": 0, "bytes": 0, "hits_memory": 0, "hits_disk": 0, "bytes_written": 0}
+    for o in outcomes:
+        for k, v in (o.cache or {}).items():
+            counts[k] += v
+    directory = None if features is None or features.disk is None else str(features.disk.dir)
+    return {"features": "off" if features is None else features.mode, **counts, "dir": directory}
+
+
+def reuse_point(cfg: DictConfig, out_dir: Path, earlier_dir: Path, earlier: dict, started: float) -> dict:
+    """This job repeats the finished job in `earlier_dir` (`earlier_point`): its outputs, copied,
+    with this job's config; logged like any run."""
+    log.info("this job repeats the point of %s (the same effective configuration): its results are reused "
+             "(cache.points=false evaluates it again)", earlier_dir)
+    copy_outputs(earlier_dir, out_dir)
+    logger = build_logger(cfg)
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    results = repeat_results(cfg, earlier_dir, earlier, out_dir,
+                             cost={"model": "none", "vision_passes": 0, **job_times(started)})
+    finish(out_dir, results, logger)
+    return results
+
+
+def finish(out_dir: Path, results: dict, logger) -> None:
+    """results.json (last: its existence means the run is complete), stale error files of an earlier
+    failed attempt removed, then the logger."""
     write_json_atomic(out_dir / "results.json", results)
     for stale in (out_dir / "error.json", *out_dir.glob("error_rank*.json")):  # an earlier failed attempt's
         stale.unlink(missing_ok=True)
     if logger is not None:
         log_results(logger, results)
     log.info("results written to %s", out_dir / "results.json")
-    return results
 
 
-def dense_reference(cfg: DictConfig, run: Run, data: EvalData) -> dict | None:
+def dense_reference(cfg: DictConfig, run: Run, data: EvalData, features: FeatureCache | None = None) -> EvalOutcome | None:
     """The dense model on the same samples (`wants_dense`): the reference row of the summary table,
-    measured like the run itself. Under ``trainer=ddp`` it is a second distributed test on every
-    rank; the measurement is returned on rank 0, None elsewhere (and None when not wanted)."""
+    measured like the run itself, with the run's feature cache (its batches' vision stage is then
+    computed once for both). Under ``trainer=ddp`` it is a second distributed test on every rank;
+    the outcome is returned on rank 0, None elsewhere."""
     from cspexp.pruning.methods import NoPruning
 
-    if not wants_dense(cfg, run.method):
-        return None
     trainer = build(cfg.trainer, logger=False, enable_progress_bar=False)
-    outcome = run_test_loop(cfg, run, NoPruning().bind(*run.loaded.shape), data, trainer)
-    if outcome is None:
-        return None
-    return measure(outcome.records, outcome.metrics, run.loaded.model.num_layers)
+    return run_test_loop(cfg, run, NoPruning().bind(*run.loaded.shape), data, trainer, features)
 
 
 def log_results(logger, results: dict) -> None:

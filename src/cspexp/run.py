@@ -40,6 +40,7 @@ class Run:
     method: object  # a pruning method bound to `loaded`'s shape: ready for the forward pass
     datasets: dict
     loaded: LoadedModel
+    model_reused: bool = False  # taken from an earlier job of this process rather than loaded
 
     @property
     def dataset(self):
@@ -83,10 +84,10 @@ def build_run(
     built = {role: build_dataset(node) for role, node in (datasets or {"eval": cfg.dataset}).items()}
     if check_data is not None:
         check_data(built)
-    loaded = load_model(cfg.model, vocabulary(built[vocabulary_from]), reuse=reuse_model)
+    loaded, reused = load_model(cfg.model, vocabulary(built[vocabulary_from]), reuse=reuse_model)
     if method is None:
         method = bind_method(spec, loaded.shape)
-    return Run(method=method, datasets=built, loaded=loaded)
+    return Run(method=method, datasets=built, loaded=loaded, model_reused=reused)
 
 
 @dataclass
@@ -105,8 +106,8 @@ def model_key(cfg_model, words: list[str]) -> str:
     return json.dumps({"model": container, "words": sorted(words)}, sort_keys=True, default=str)
 
 
-def load_model(cfg_model, words: list[str], reuse: bool = False) -> LoadedModel:
-    """The model of `cfg_model`. With `reuse`, the model is kept for the next run of this process and
+def load_model(cfg_model, words: list[str], reuse: bool = False) -> tuple[LoadedModel, bool]:
+    """The model of `cfg_model`, and whether it was reused rather than loaded. With `reuse`, the model is kept for the next run of this process and
     a run with the same `model_key` takes it instead of loading it again — the jobs of a multirun
     (Hydra's basic launcher runs them one after another in one process) load it once. One model is
     kept at a time: a job with another model config drops it before loading its own. Evaluation never
@@ -116,12 +117,12 @@ def load_model(cfg_model, words: list[str], reuse: bool = False) -> LoadedModel:
     key = model_key(cfg_model, words)
     if reuse and _kept is not None and _kept.key == key:
         log.info("model %s reused from the previous job of this process (cache.model=true)", _kept.loaded.name)
-        return _kept.loaded
+        return _kept.loaded, True
     _kept = None  # free the previous model before the next one loads
     loaded = build_model(cfg_model, words)
     if reuse:
         _kept = _KeptModel(key, loaded)
-    return loaded
+    return loaded, False
 
 
 def build_logger(cfg: DictConfig):

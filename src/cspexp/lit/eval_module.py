@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
+from cspexp.features.cache import CacheStats, FeatureCache
+from cspexp.features.vision import encode_vision
 from cspexp.flops.analytic import LlmDims, sample_flops
 from cspexp.lit.distributed import gather_to_rank_zero
 from cspexp.metrics.seg_iou import SegIoU, intersection_and_union, sample_iou
@@ -29,6 +31,8 @@ class EvalOutcome:
     metrics: dict[str, float]  # gIoU and cIoU over all samples
     samples_per_rank: list[int]
     memory_mb_per_rank: list[float | None]  # each process's peak (its GPU, or its RSS on CPU)
+    cache: dict | None = None  # the feature cache's counts summed over processes (`CacheStats.as_dict`)
+    vision_passes: int = 0  # samples whose vision stage was computed, warm-up passes included
 
     @property
     def memory_mb(self) -> float | None:
@@ -43,10 +47,16 @@ class EvalModule(L.LightningModule):
     The records (keyed by the dataset's ``idx``, the rows of samples.jsonl) are complete when they
     are made — counts, token trace, the sample's FLOPs, latency — and never changed afterwards;
     under multi-process evaluation they are merged by idx (`collect`).
+
+    With a `FeatureCache` the vision stage of a batch is taken from it when it holds the batch, and
+    computed and stored otherwise. Latency then reports each stage where it actually ran: a sample's
+    ``vision`` time is the one measured when its features were computed (possibly by an earlier job),
+    and ``end_to_end`` is the sum of ``vision``, ``llm_prefill`` and ``mask_decoder``. Without a
+    cache ``end_to_end`` is measured around the whole pass.
     """
 
     def __init__(self, loaded: LoadedModel, method: PruningMethod, metric: SegIoU | None = None,
-                 warmup: int = 1) -> None:
+                 warmup: int = 1, features: FeatureCache | None = None) -> None:
         super().__init__()
         self.model = loaded.model
         self.dims = LlmDims.from_config(loaded.model.llm.config)
@@ -55,6 +65,8 @@ class EvalModule(L.LightningModule):
         self.warmup = warmup
         self.records: list[dict] = []
         self.peak_memory_mb: float | None = None
+        self.features = features
+        self.vision_passes = 0
 
     def on_test_epoch_start(self) -> None:
         # Fresh states every epoch: under ddp_spawn on CPU the pickled states are shared otherwise
@@ -62,19 +74,21 @@ class EvalModule(L.LightningModule):
         self.metric.reset()
         self.records = []
         self._warm = False
+        self.vision_passes = 0
+        if self.features is not None:
+            self.features.stats = CacheStats()
         reset_peak_memory(self.device)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if not self._warm:
             # Untimed passes first: the first call pays for allocator growth, kernel selection, lazy init.
+            cached = self.features.lookup(batch, count=False) if self.features is not None else None
             for _ in range(self.warmup):
-                segment(self.model, batch, self.method)
+                segment(self.model, batch, self.method, features=None if cached is None else cached.features)
+                self.vision_passes += 0 if cached is not None else len(batch["idx"])
             self._warm = True
-        watch = Stopwatch(self.device)
-        with watch.section("end_to_end"):
-            out = segment(self.model, batch, self.method, stopwatch=watch)
-        ms = watch.collect()
-        per_sample = {k: v / len(out.masks) for k, v in ms.items()}  # a batch's time, shared by its samples
+        out, latency, source = self._timed_pass(batch)
+        self.vision_passes += len(out.masks) if source == "computed" else 0
         counts = [intersection_and_union(p, g.to(p.device), self.metric.ignore_index)
                   for p, g in zip(out.masks, batch["gt_masks"], strict=True)]
         self.metric.update_counts(counts)  # the same numbers the per-sample records keep
@@ -93,10 +107,42 @@ class EvalModule(L.LightningModule):
                     "image_per_layer": image_per_layer,
                     "tokens_per_layer": tokens_per_layer,
                     "overhead_events": overhead,
-                    "latency_ms": {"llm_prefill": per_sample["llm_prefill"], "end_to_end": per_sample["end_to_end"]},
+                    "latency_ms": latency[i],
+                    "features": source,  # where the vision stage came from: computed, memory or disk
                     **{f"flops_{k}": v for k, v in flops.items()},  # llm, llm_dense, image, image_dense, overhead
                 }
             )
+
+    def _timed_pass(self, batch: dict):
+        """One timed pass; returns (output, per-sample latency dicts, where the features came from)."""
+        B = len(batch["idx"])
+        watch = Stopwatch(self.device)
+        if self.features is None:
+            with watch.section("end_to_end"):
+                out = segment(self.model, batch, self.method, stopwatch=watch)
+            ms = {k: v / B for k, v in watch.collect().items()}  # a batch's time, shared by its samples
+            stages = {k: ms[k] for k in ("vision", "llm_prefill", "mask_decoder", "end_to_end")}
+            return out, [dict(stages) for _ in range(B)], "computed"
+        cached = self.features.lookup(batch)
+        if cached is None:
+            with watch.section("vision"):
+                # [CLS] attention always: the entry then serves every method of the sweep
+                features = encode_vision(self.model, batch, cls_attention=True)
+        else:
+            features = cached.features
+        out = segment(self.model, batch, self.method, stopwatch=watch, features=features)
+        ms = {k: v / B for k, v in watch.collect().items()}
+        if cached is None:
+            vision_ms = [ms["vision"]] * B
+            self.features.store(batch, features, vision_ms)
+            source = "computed"
+        else:
+            vision_ms, source = cached.vision_ms, cached.source
+        latency = []
+        for v in vision_ms:
+            stages = {"vision": v, "llm_prefill": ms["llm_prefill"], "mask_decoder": ms["mask_decoder"]}
+            latency.append({**stages, "end_to_end": sum(stages.values())})
+        return out, latency, source
 
     def on_test_epoch_end(self) -> None:
         # No metric sync here: a collective inside the loop hangs if one rank's loop is cut short.
@@ -111,7 +157,9 @@ class EvalModule(L.LightningModule):
         # torchmetrics syncs inside compute(): the states are summed over ranks (dist_reduce_fx="sum"),
         # which is exact because no sample is evaluated twice.
         metrics = {k: float(v) for k, v in self.metric.to(device).compute().items()}
-        parts = gather_to_rank_zero({"records": self.records, "memory_mb": self.peak_memory_mb})
+        stats = self.features.stats.as_dict() if self.features is not None else None
+        parts = gather_to_rank_zero({"records": self.records, "memory_mb": self.peak_memory_mb, "cache": stats,
+                                     "vision_passes": self.vision_passes})
         if parts is None:
             return None
         records = sorted((r for part in parts for r in part["records"]), key=lambda r: r["idx"])
@@ -124,4 +172,6 @@ class EvalModule(L.LightningModule):
             metrics=metrics,
             samples_per_rank=[len(part["records"]) for part in parts],
             memory_mb_per_rank=[part["memory_mb"] for part in parts],
+            cache=None if stats is None else {k: sum(p["cache"][k] for p in parts) for k in stats},
+            vision_passes=sum(part["vision_passes"] for part in parts),
         )

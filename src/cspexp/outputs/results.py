@@ -86,11 +86,14 @@ def mean_image_per_layer(records: list[dict], num_layers: int) -> list[float]:
     return [sum(r["image_per_layer"][l] for r in records) / len(records) for l in range(num_layers)]
 
 
+LATENCY_KEYS = ("vision", "llm_prefill", "mask_decoder", "end_to_end")
+
+
 def mean_latency(records: list[dict]) -> dict:
-    keys = ("llm_prefill", "end_to_end")
+    """Mean milliseconds per sample of each stage (`LATENCY_KEYS`) and of the whole pass."""
     if not records:
-        return dict.fromkeys(keys)
-    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in keys}
+        return dict.fromkeys(LATENCY_KEYS)
+    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in LATENCY_KEYS}
 
 
 def metrics_by_kind(records: list[dict], metric_factory) -> dict:
@@ -128,9 +131,12 @@ def objective(cfg: DictConfig, results: dict) -> float:
 
 
 def build_results(*, cfg: DictConfig, method_info: dict, model_name: str, model_dims: dict, outcome,
-                  metric_factory, dense: dict | None, skipped: dict) -> dict:
+                  metric_factory, dense: dict | None, skipped: dict, cache: dict | None = None,
+                  cost: dict | None = None, point_identity: str | None = None) -> dict:
     """results.json of an evaluation (`outcome`: the merged `EvalOutcome`; `dense`: the `measure` of
-    the dense reference run on the same samples, or None)."""
+    the dense reference run on the same samples, or None; `cache`: what the feature cache did
+    (`cspexp.evaluate.cache_summary`); `cost`: the job's model load, vision passes and wall time;
+    `point_identity`: `cspexp.outputs.repeats.point_identity`)."""
     num_layers = model_dims["num_layers"]
     records = outcome.records
     measured = measure(records, outcome.metrics, num_layers)
@@ -156,6 +162,13 @@ def build_results(*, cfg: DictConfig, method_info: dict, model_name: str, model_
             "avg_image_per_layer": measured["avg_image_per_layer"],
         },
         "latency_ms": measured["latency_ms"],  # each sample timed on the process that ran it
+        # with the feature cache, a sample's vision time is the one measured where its features were
+        # computed (maybe an earlier job) and end_to_end is the sum of the stages
+        "latency_end_to_end": "measured" if (cache or {}).get("features", "off") == "off" else "sum_of_stages",
+        "cache": cache,
+        "cost": cost,
+        "point_identity": point_identity,
+        "repeat_of": None,
         "memory_mb": outcome.memory_mb,
         "model_dims": {k: model_dims[k] for k in ("hidden_size", "intermediate_size", "num_layers")},
         "dense": None if dense is None else {k: dense[k] for k in ("metrics", "flops", "avg_image_per_layer", "latency_ms")},

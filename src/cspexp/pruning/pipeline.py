@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cspexp.features.vision import VisionFeatures, encode_vision
 from cspexp.models.lisa import LisaModel
 from cspexp.pruning.engine import DecoderLoop, Observer, TokenState, Trace
 from cspexp.pruning.methods.base import PruningContext, PruningMethod
@@ -30,13 +31,22 @@ class SegmentOutput:
 
 
 def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None,
-            observers: Sequence[Observer] = ()) -> tuple[TokenState, torch.Tensor]:
+            observers: Sequence[Observer] = (), features: VisionFeatures | None = None) -> tuple[TokenState, torch.Tensor]:
     """Vision tower → splice → pruned decoder loop. Returns the final state and the query states [B, d].
 
-    `stopwatch` (optional) times the LLM prefill: the splice and the decoder loop. `observers` watch
-    the decoder loop (see `cspexp.pruning.engine.Observer`)."""
+    `features` (optional): the batch's vision stage computed beforehand (`cspexp.features`); without
+    it the CLIP tower runs here. `stopwatch` (optional) times the sections ``vision`` (when it runs
+    here) and ``llm_prefill`` (the splice and the decoder loop). `observers` watch the decoder loop
+    (see `cspexp.pruning.engine.Observer`)."""
     stopwatch = stopwatch or NullStopwatch()
-    image_tokens, cls_attn = model.encode_image(batch["clip_pixels"], output_cls_attention=method.needs_cls_attention)
+    if features is not None:
+        image_tokens, cls_attn = features.image_tokens, features.cls_attention
+        if method.needs_cls_attention and cls_attn is None:
+            raise RuntimeError("the method needs CLIP's [CLS] attention and the given features have none")
+    else:
+        with stopwatch.section("vision"):
+            image_tokens, cls_attn = model.encode_image(batch["clip_pixels"],
+                                                        output_cls_attention=method.needs_cls_attention)
     with stopwatch.section("llm_prefill"):
         state = _prefill(model, batch, method, image_tokens, cls_attn, observers)
     cols = state.columns_of(state.query_pos)
@@ -60,16 +70,24 @@ def _prefill(model, batch, method, image_tokens, cls_attn, observers) -> TokenSt
 
 
 def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None,
-            observers: Sequence[Observer] = ()) -> SegmentOutput:
+            observers: Sequence[Observer] = (), features: VisionFeatures | None = None) -> SegmentOutput:
     """The whole pass for a collated batch (see `LisaProcessor.collate` for its keys); `observers`
-    watch the decoder loop (see `cspexp.pruning.engine.Observer`)."""
-    state, query_hidden = run_llm(model, batch, method, stopwatch, observers)
-    seg_embeds = model.seg_embedding(query_hidden)
-    image_embeddings = model.image_embeddings(batch["sam_pixels"])
-    low_res = model.decode_masks(image_embeddings, seg_embeds)
-    logits = [
-        model.postprocess_masks(low_res[i], batch["resized_hw"][i], batch["original_hw"][i])
-        for i in range(low_res.shape[0])
-    ]
+    watch the decoder loop (see `cspexp.pruning.engine.Observer`).
+
+    `features`: the batch's vision stage, given (from the feature cache) or, when None, computed here
+    first. `stopwatch` times ``vision`` (when computed here), ``llm_prefill`` and ``mask_decoder``
+    (the [SEG] projection, SAM's mask decoder and the resize to the original image)."""
+    stopwatch = stopwatch or NullStopwatch()
+    if features is None:
+        with stopwatch.section("vision"):
+            features = encode_vision(model, batch, cls_attention=method.needs_cls_attention)
+    state, query_hidden = run_llm(model, batch, method, stopwatch, observers, features=features)
+    with stopwatch.section("mask_decoder"):
+        seg_embeds = model.seg_embedding(query_hidden)
+        low_res = model.decode_masks(features.sam_embeddings, seg_embeds)
+        logits = [
+            model.postprocess_masks(low_res[i], batch["resized_hw"][i], batch["original_hw"][i])
+            for i in range(low_res.shape[0])
+        ]
     return SegmentOutput(logits=logits, masks=[lg > 0 for lg in logits], trace=state.trace, seg_embeds=seg_embeds,
-                         state=state, image_embeddings=image_embeddings)
+                         state=state, image_embeddings=features.sam_embeddings)

@@ -60,6 +60,8 @@ class Point:
     group: str = ""  # the group's label (see `label_groups`): points are compared only within a group
     frontier_giou: bool = False
     frontier_ciou: bool = False
+    repeat_of: str | None = None  # results.json → repeat_of: the job whose point this job reused
+    cost: dict | None = None  # what the job spent (`job_cost`): model load, vision passes, cache counts, wall time
 
     @property
     def is_dense(self) -> bool:
@@ -494,7 +496,27 @@ def point_from_results(results, run_dir: str) -> Point:
         split=_string(dataset, "split", "dataset."),
         sample_set=_string(results, "sample_set"),
         prune=prune,
+        repeat_of=_string(results, "repeat_of"),
+        cost=job_cost(results),
     )
+
+
+def job_cost(results: dict) -> dict | None:
+    """What a job spent, from results.json's ``cost`` and ``cache`` blocks (None for files written
+    before they existed; a malformed block counts as absent — the report's cost section is a summary,
+    not a check)."""
+    cost, cache = results.get("cost"), results.get("cache")
+    if not isinstance(cost, dict):
+        return None
+
+    def count(d, key):
+        v = d.get(key) if isinstance(d, dict) else None
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    return {"model": cost.get("model") if isinstance(cost.get("model"), str) else None,
+            "vision_passes": count(cost, "vision_passes"), "wall_s": count(cost, "wall_s"),
+            "started_at": count(cost, "started_at"), "finished_at": count(cost, "finished_at"),
+            "cache_hits": count(cache, "hits"), "cache_misses": count(cache, "misses")}
 
 
 def read_json(path: Path):

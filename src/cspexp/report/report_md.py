@@ -52,7 +52,48 @@ def render_markdown(report: ParetoReport, title: str = "Pareto report", png: str
             lines += _dense_lines(group)
             lines += _group_body(group, level=3)
     lines += _failed_lines(report)
+    lines += _cost_lines(report)
     return "\n".join(lines)
+
+
+def _points_times_samples(points: list[Point]) -> str:
+    sizes = {p.n_samples or 0 for p in points}
+    total = sum(p.n_samples or 0 for p in points)
+    return f"{len(points)} × {sizes.pop()} = {total}" if len(sizes) == 1 else f"{len(points)} points, {total} samples"
+
+
+def _cost_lines(report: ParetoReport) -> list[str]:
+    """What the sweep spent: wall time, jobs, points × samples, model loads, vision passes (the
+    feature cache's work) — from each job's results.json ``cost`` block."""
+    jobs = [p for p in report.points if p.cost is not None]
+    if not jobs:
+        return []
+    repeated = [p for p in jobs if p.repeat_of]
+    evaluated = [p for p in jobs if not p.repeat_of]
+
+    def total(key: str, how=sum):
+        values = [p.cost[key] for p in jobs if p.cost.get(key) is not None]
+        return how(values) if values else None
+
+    loads = sum(p.cost.get("model") == "loaded" for p in jobs)
+    reused = sum(p.cost.get("model") == "reused" for p in jobs)
+    hits, misses = total("cache_hits"), total("cache_misses")
+    starts, ends = total("started_at", min), total("finished_at", max)
+    wall = f"{ends - starts:.1f} s" if starts is not None and ends is not None else "—"
+    job_wall = total("wall_s")
+    lines = ["## Sweep cost", "",
+             "What the jobs listed above spent (results.json → `cost`, `cache`). Every point's FLOPs are still those "
+             "of one inference; sharing the model and the vision stage is a saving of the sweep, not of a method.", "",
+             "| | |", "|---|---:|",
+             f"| wall time, first job's start to last job's end | {wall} |",
+             f"| jobs' own time, summed | {_num(job_wall, '.1f')} s |",
+             f"| jobs | {len(jobs)}: {len(evaluated)} evaluated, {len(repeated)} repeated an earlier job's point |",
+             f"| points × samples | {_points_times_samples(evaluated)} |",
+             f"| model loads | {loads} ({reused} job(s) reused the loaded model) |",
+             f"| vision passes (samples, warm-up included) | {_num(total('vision_passes'), 'd')} |",
+             f"| feature cache (samples) | {_num(hits, 'd')} hits, {_num(misses, 'd')} misses |",
+             ""]
+    return lines
 
 
 def _dense_lines(group: Group | None) -> list[str]:

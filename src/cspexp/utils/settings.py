@@ -31,6 +31,10 @@ class Objective(TypedDict):
 
 class Cache(TypedDict):
     model: bool
+    features: bool | Literal["auto"]
+    dir: str | None
+    max_memory_gb: NonNegativeFloat
+    points: bool
 
 
 class EvalSettings(TypedDict, total=False):

@@ -109,6 +109,11 @@ class NoPruning(PruningSpec):
 
     name: ClassVar[str] = "none"
 
+    def describe(self) -> dict:
+        # keep 1.0 whatever was asked: `none` ignores keep, and two dense runs must describe the
+        # same method (a sweep's duplicate-point check compares descriptions)
+        return {"name": self.name, "keep": 1.0}
+
 
 def score_image_tokens(layer: int, state, ctx: PruningContext, query: str) -> torch.Tensor:
     """Query attention [B, n_image] at `layer` (the state being that layer's input); the call is
