@@ -318,3 +318,34 @@ def test_ddp_cpu_runs_with_the_cache_equal_the_uncached_run(tmp_path):
         assert measured(tmp_path / out) == measured(tmp_path / "plain")
     second = json.loads((tmp_path / "second" / "results.json").read_text())
     assert second["cache"]["hits_disk"] == 7 and second["distributed"]["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------- what a hit skips
+
+def test_a_batch_collated_without_pixels_gets_the_same_pixels_later(tiny):
+    rng = np.random.default_rng(3)
+    items = [{"idx": i, "image": rng.integers(0, 255, (30 + 7 * i, 41, 3), dtype=np.uint8),
+              "mask": np.zeros((30 + 7 * i, 41)), "query": "the square"} for i in range(3)]
+    full = tiny.processor.collate(items)
+    lazy = tiny.processor.collate(items, pixels=False)
+    assert "clip_pixels" not in lazy and "sam_pixels" not in lazy
+    assert torch.equal(lazy["resized_hw"], full["resized_hw"])  # the mask resize needs no pixels
+    later = tiny.processor.add_pixels(lazy)
+    for key in ("clip_pixels", "sam_pixels"):
+        assert torch.equal(later[key], full[key])
+    assert tiny.processor.add_pixels(later) is later
+
+
+def test_shapes_items_are_generated_once_per_process_and_shared_read_only():
+    from cspexp.data.shapes import ShapesDataset
+
+    a, b = ShapesDataset(split="val", n=4), ShapesDataset(split="val", n=4)
+    first, again = a[2], b[2]
+    assert first["image"] is again["image"]  # a second dataset object of the same settings reads the memo
+    fresh = a._draw(2)  # generated again, bypassing the memo
+    assert np.array_equal(fresh[1], first["image"]) and np.array_equal(fresh[2], first["mask"])
+    assert fresh[0].query == first["query"]
+    with pytest.raises(ValueError):
+        first["image"][0, 0, 0] = 0  # shared: nobody may change it
+    other_seed = ShapesDataset(split="val", n=4, seed=1)[2]
+    assert not np.array_equal(other_seed["image"], first["image"])

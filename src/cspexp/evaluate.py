@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -90,12 +91,18 @@ def wants_dense(cfg: DictConfig, method) -> bool:
     return bool(setting)
 
 
+def cache_mode(cfg: DictConfig, dense_reference: bool) -> str:
+    """``off``, ``memory`` or ``memory+disk``: `cspexp.features.cache.feature_cache_mode` of ``cache``."""
+    spec = cfg.get("cache") or {}
+    return feature_cache_mode(spec.get("features", "auto"), spec.get("dir"), in_multirun(), in_sweep_agent(),
+                              dense_reference)
+
+
 def build_feature_cache(cfg: DictConfig, run: Run, device, dense_reference: bool) -> FeatureCache | None:
-    """The feature cache of ``cache.features`` (`cspexp.features.cache.feature_cache_mode`), or None."""
+    """The feature cache of ``cache.features`` (`cache_mode`), or None."""
     spec = cfg.get("cache") or {}
     directory = spec.get("dir")
-    mode = feature_cache_mode(spec.get("features", "auto"), directory, in_multirun(), in_sweep_agent(),
-                              dense_reference)
+    mode = cache_mode(cfg, dense_reference)
     if mode == "off":
         return None
     max_bytes = int(float(spec.get("max_memory_gb", 2.0)) * 2**30)
@@ -154,7 +161,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # A multirun's jobs share one model load (`cspexp.run.load_model`): evaluation never changes it.
     run = build_run(cfg, reuse_model=bool((cfg.get("cache") or {}).get("model", True)) and in_multirun())
-    data = EvalData(run.dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, run.loaded.processor.collate)
+    with_dense = wants_dense(cfg, run.method)
+    # With the feature cache, batches come without preprocessed pixels: only a miss needs them.
+    collate = partial(run.loaded.processor.collate, pixels=cache_mode(cfg, with_dense) == "off")
+    data = EvalData(run.dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, collate)
     # One W&B run (or CSV log) per evaluation: rank 0's (docs/pitfalls.md, "W&B: one run per evaluation").
     logger = build_logger(cfg) if main_process else None
     if logger is not None:
@@ -163,8 +173,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_processes(trainer, len(run.dataset))
     if cfg.flops.report and main_process:
         # Before the test, hence before trainer=ddp starts its other processes: nobody waits on it.
-        report_breakdown(run.loaded, run.method, data.first_batch(), out_dir)
-    with_dense = wants_dense(cfg, run.method)
+        report_breakdown(run.loaded, run.method, run.loaded.processor.add_pixels(data.first_batch()), out_dir)
     features = build_feature_cache(cfg, run, trainer.strategy.root_device, with_dense)
     outcome = run_test_loop(cfg, run, run.method, data, trainer, features)
     dense_outcome = dense_reference(cfg, run, data, features) if with_dense else None

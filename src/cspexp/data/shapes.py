@@ -33,6 +33,7 @@ Design choices and the reasons behind them:
 from __future__ import annotations
 
 import math
+import functools
 import operator
 import re
 import typing
@@ -566,6 +567,21 @@ _DEFAULT_SPLIT_SIZES = {"train": 20000, "val": 1000, "test": 1000}
 _MAX_SCENE_TRIES = 200
 
 
+@functools.lru_cache(maxsize=1024)  # ≈ 200 MB of 224 px items at most
+def _generated(seed: int, index: int, split: str, image_size: int, min_shapes: int, max_shapes: int,
+               kinds: tuple) -> tuple[Scene, np.ndarray, np.ndarray]:
+    """Item `index` (of all splits) of a generator with these settings; the arrays are read-only,
+    since every caller shares them."""
+    gen = ShapesDataset.__new__(ShapesDataset)
+    gen.seed, gen.split, gen.image_size, gen.min_shapes, gen.max_shapes, gen.kinds = (seed, split, image_size,
+                                                                                        min_shapes, max_shapes, kinds)
+    gen.offset = 0
+    scene, image, mask = gen._draw(index)
+    image.setflags(write=False)
+    mask.setflags(write=False)
+    return scene, image, mask
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural reasoning-segmentation dataset; see the module docstring for the design."""
 
@@ -622,6 +638,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         return i
 
     def _generate(self, i: int) -> tuple[Scene, np.ndarray, np.ndarray]:
+        # Memoised across dataset objects of the process: a sweep's jobs build the dataset anew and
+        # read the same items (rendering them is a quarter of an embedded-model job's time).
+        return _generated(self.seed, self.offset + i, self.split, self.image_size, self.min_shapes, self.max_shapes,
+                          self.kinds)
+
+    def _draw(self, i: int) -> tuple[Scene, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.offset + i])
         # The kind is fixed before any scene is drawn, so resampling cannot skew the kind shares.
         kind = self.kinds[int(rng.integers(len(self.kinds)))]

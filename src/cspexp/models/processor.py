@@ -102,7 +102,10 @@ class LisaProcessor:
         """Token ids of LISA's evaluation prompt (one ``<image>`` placeholder, answer ``[SEG].``)."""
         return encode_lisa_prompt(self.tokenizer, self.tokenizer_kind, query, is_sentence)
 
-    def collate(self, items: Sequence[dict]) -> dict:
+    def collate(self, items: Sequence[dict], pixels: bool = True) -> dict:
+        """A batch of `items`. ``pixels=False`` leaves out the two preprocessed images (``clip_pixels``,
+        ``sam_pixels``) for a caller that may not need them — the feature cache computes them only for
+        a batch it does not hold (`add_pixels`)."""
         ids = [self.encode_prompt(it["query"], bool(it.get("is_sentence", False))) for it in items]
         length = max(len(x) for x in ids)
         input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
@@ -110,17 +113,25 @@ class LisaProcessor:
         for i, row in enumerate(ids):  # right padding, as LISA's collate_fn
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
-        sam = [sam_preprocess(it["image"], self.sam_size) for it in items]
-        return {
+        batch = {
             "idx": torch.tensor([int(it["idx"]) for it in items], dtype=torch.long),
-            "clip_pixels": torch.stack([clip_preprocess(it["image"], self.clip_size) for it in items]),
-            "sam_pixels": torch.stack([s[0] for s in sam]),
-            "resized_hw": torch.tensor([s[1] for s in sam], dtype=torch.long),
+            "resized_hw": torch.tensor([sam_resized_shape(*it["image"].shape[:2], self.sam_size) for it in items],
+                                       dtype=torch.long),
             "original_hw": torch.tensor([it["image"].shape[:2] for it in items], dtype=torch.long),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "gt_masks": [torch.from_numpy(np.asarray(it["mask"], dtype=np.uint8)) for it in items],
+            "gt_masks": [torch.from_numpy(np.array(it["mask"], dtype=np.uint8)) for it in items],  # a copy: items may be shared
             "images": [it["image"] for it in items],
             "queries": [it["query"] for it in items],
             "query_kinds": [it.get("query_kind") for it in items],
         }
+        return self.add_pixels(batch) if pixels else batch
+
+    def add_pixels(self, batch: dict) -> dict:
+        """`batch` with ``clip_pixels`` and ``sam_pixels`` made from its ``images`` (as it is if it has them)."""
+        if "clip_pixels" in batch:
+            return batch
+        images = batch["images"]
+        return {**batch,
+                "clip_pixels": torch.stack([clip_preprocess(img, self.clip_size) for img in images]),
+                "sam_pixels": torch.stack([sam_preprocess(img, self.sam_size)[0] for img in images])}
