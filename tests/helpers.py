@@ -46,3 +46,17 @@ class FakeRun:
 
     def finish(self, exit_code: int = 0) -> None:
         self.exit_codes.append(exit_code)
+
+
+def tiny_random_and_items(n: int = 3):
+    """`model=tiny_random` built from its config over the `shapes` vocabulary, and the first `n`
+    `shapes` val items: the small end-to-end setting of the pruning tests."""
+    from omegaconf import OmegaConf
+
+    from cspexp.data.shapes import ShapesDataset
+    from cspexp.utils.instantiate import build
+    from conftest import CONF_DIR
+
+    ds = ShapesDataset(split="val", n=n)
+    loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
+    return loaded, [ds[i] for i in range(n)]

@@ -9,11 +9,9 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from cspexp.data.shapes import ShapesDataset
 from cspexp.models.lisa import IMAGE, PAD, SYSTEM, TEXT, PromptEmbeds
 from cspexp.pruning.engine import DecoderLoop, Observer, TokenState
 from cspexp.pruning.methods import PruningContext, PyramidDrop
@@ -21,7 +19,7 @@ from cspexp.pruning.pipeline import run_llm
 from cspexp.utils.errors import ConfigError
 from cspexp.utils.instantiate import build
 
-from conftest import CONF_DIR
+from helpers import tiny_random_and_items
 from test_engine import prompt_batch, tiny_llama
 
 L, N = 8, 256  # the tiny LISA: 8 LLaMA layers, 16 × 16 image tokens; default drops before layers 2, 4, 6
@@ -29,9 +27,7 @@ L, N = 8, 256  # the tiny LISA: 8 LLaMA layers, 16 × 16 image tokens; default d
 
 @pytest.fixture(scope="module")
 def tiny():
-    ds = ShapesDataset(split="val", n=3)
-    loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
-    return loaded, [ds[i] for i in range(3)]
+    return tiny_random_and_items(3)
 
 
 class Layers(Observer):

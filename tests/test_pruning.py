@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaModel
 
-from cspexp.data.shapes import ShapesDataset
 from cspexp.models.factory import llm_config
 from cspexp.models.lisa import IMAGE, PAD
 from cspexp.pruning.engine import Observer, TokenState
@@ -33,6 +32,7 @@ from cspexp.utils.errors import ConfigError, CspexpError
 from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR
+from helpers import tiny_random_and_items
 from test_engine import prompt_batch
 
 L, N = 8, 256
@@ -40,9 +40,7 @@ L, N = 8, 256
 
 @pytest.fixture(scope="module")
 def tiny():
-    ds = ShapesDataset(split="val", n=3)
-    loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
-    return loaded, [ds[i] for i in range(3)]
+    return tiny_random_and_items(3)
 
 
 def ready(spec):
