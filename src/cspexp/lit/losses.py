@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -181,7 +182,8 @@ def target_descriptors(batch) -> torch.Tensor:
             continue
         h, w = inside.shape
         centre = torch.stack([(xs.double().mean() + 0.5) / w, (ys.double().mean() + 0.5) / h]) * 2 - 1
-        colour = torch.as_tensor(image)[inside.cpu()].double().mean(0) / 127.5 - 1
+        # numpy's boolean index copies the pixels (dataset images may be shared read-only arrays)
+        colour = torch.from_numpy(np.asarray(image)[inside.cpu().numpy()]).double().mean(0) / 127.5 - 1
         rows.append(torch.cat([centre, colour]))
     return torch.stack(rows).float()
 
