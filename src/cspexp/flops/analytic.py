@@ -59,6 +59,10 @@ def overhead_macs(events: Sequence[dict], dims: LlmDims) -> int:
             total += n * d * dkv + q * d * d + q * n * d  # k of every token, q of the queries, q·Kᵀ rows
         elif e["kind"] == "assign_feature":
             total += e["members"] * e["reps"] * e["dim"]  # cosine similarities
+        elif e["kind"] == "matmul":
+            # any product of an [m, k] and a [k, n] matrix a method computes (similarities, merges);
+            # `what` names it for people
+            total += e["m"] * e["n"] * e["k"]
         else:
             raise ValueError(f"unknown overhead event {e['kind']!r}")
     return total
