@@ -107,8 +107,9 @@ def run_bench(cfg: DictConfig) -> dict:
     specs = {DENSE: NoPruning(), **{label: build(mcfg) for label, mcfg in cfg.methods.items()}}
     variants = {}
     for label, spec in specs.items():
-        if getattr(spec, "select", None) in ("cls_attn", "seg_first"):
-            raise ConfigError(f"prune.cluster.select={spec.select} needs images; the benchmark feeds embeddings only")
+        if spec.needs_images:
+            raise ConfigError(f"methods.{label} (prune={spec.name}) reads the image (CLIP's attention or the pixels); "
+                              "the benchmark feeds embeddings only")
         variants[label] = bind_method(spec, ModelShape(shape.num_hidden_layers, n_image))
 
     model = build_llm(shape, dtype, cfg.device, cfg.attn_implementation)

@@ -28,6 +28,11 @@ from cspexp.outputs.files import write_bytes_atomic, write_json_atomic
 log = logging.getLogger(__name__)
 
 Source = Literal["computed", "memory", "disk"]
+#: Fields a shard may lack. Every shard `EvalModule` writes has them (it computes every optional output
+#: on a miss), and a shard from before a field existed has another namespace (the code digest covers
+#: `encode_image` / `encode_vision`), so only a caller that stores features without them writes such a
+#: shard; a method that needs the missing field then fails in `run_llm` with one line.
+OPTIONAL = frozenset({"clip_keys"})
 
 
 @dataclass
@@ -128,6 +133,8 @@ class DiskStore:
         tensors = load_safetensors(data)
         for name, (shape, dtype) in expected.items():
             t = tensors.get(name)
+            if t is None and name in OPTIONAL:
+                continue
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
                 got = None if t is None else (tuple(t.shape), t.dtype)
                 raise ValueError(f"{name} is {got}, expected {(shape, dtype)}")
@@ -206,11 +213,13 @@ class FeatureCache:
     def _expected_shapes(model) -> dict[str, tuple[tuple, torch.dtype]]:
         sam = model.sam.config.vision_config
         side = sam.image_size // sam.patch_size
+        clip = model.vision_tower.config
         return {
             "image_tokens": ((model.n_image_tokens, model.llm.config.hidden_size),
                              next(model.mm_projector.parameters()).dtype),
             "sam_embeddings": ((sam.output_channels, side, side), model.sam.dtype),
             "cls_attention": ((model.n_image_tokens,), torch.float32),
+            "clip_keys": ((model.n_image_tokens, clip.hidden_size // clip.num_attention_heads), torch.float32),
         }
 
     def _names(self, batch: dict) -> tuple[str, list[str]]:

@@ -58,7 +58,8 @@ def _code_digest() -> str:
     from cspexp.models import lisa, processor
 
     parts = [inspect.getsource(f) for f in (processor.clip_preprocess, processor.sam_preprocess,
-                                            processor.sam_resized_shape, lisa.clip_cls_attention, lisa.grid_sincos,
+                                            processor.sam_resized_shape, lisa.clip_cls_attention, lisa.clip_patch_keys,
+                                            lisa.grid_sincos,
                                             lisa.LisaModel.encode_image, lisa.LisaModel.image_embeddings,
                                             vision.encode_vision)]
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()

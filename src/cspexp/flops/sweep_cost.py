@@ -111,8 +111,8 @@ def point_llm_flops(spec, shape: DictConfig) -> int:
     from cspexp.pruning.methods import PruningContext
     from cspexp.run import bind_method
 
-    if getattr(spec, "select", None) in ("cls_attn", "seg_first"):
-        raise ValueError(f"prune.cluster.select={spec.select} needs images; the synthetic layout has none")
+    if spec.needs_images:
+        raise ValueError(f"prune={spec.name} reads the image (CLIP's attention or the pixels); the synthetic layout has none")
     rows, cols = shape.grid
     n_image = rows * cols
     method = bind_method(spec, ModelShape(shape.num_hidden_layers, n_image))
@@ -131,6 +131,10 @@ def point_llm_flops(spec, shape: DictConfig) -> int:
         torch.set_num_threads(threads)
     # feature assignment compares LLM states: its width is the real model's, not the proxy's
     events = [{**e, "dim": shape.hidden_size} if "dim" in e else e for e in trace.sample_overhead(0)]
+    if any(e["kind"] == "matmul" for e in events):
+        # a matmul event's sizes may hold the proxy's width in any of m, n, k: pricing it here would
+        # undercount the method's overhead, so refuse rather than guess
+        raise ValueError(f"prune={spec.name}: its overhead (matmul events) cannot be priced on the width-8 proxy")
     f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), n_image,
                      llm_dims(shape), events)
     return f["llm"] + f["overhead"]

@@ -131,8 +131,8 @@ class EvalModule(L.LightningModule):
         if cached is None:
             batch = self.processor.add_pixels(batch)  # preprocessing stays outside the timed stages, as without a cache
             with watch.section("vision"):
-                # [CLS] attention always: the entry then serves every method of the sweep
-                features = encode_vision(self.model, batch, cls_attention=True)
+                # [CLS] attention and CLIP keys always: the entry then serves every method of the sweep
+                features = encode_vision(self.model, batch, cls_attention=True, clip_keys=True)
         else:
             features = cached.features
         out = segment(self.model, batch, self.method, stopwatch=watch, features=features)

@@ -84,6 +84,16 @@ def clip_cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
     return probs[:, :, 0, 1:].mean(1)
 
 
+def clip_patch_keys(layer, layer_input: torch.Tensor) -> torch.Tensor:
+    """Attention keys of the patch tokens in one CLIP encoder layer, heads averaged (VisionZip's merge
+    metric: the raw k_proj output, bias included, before any scaling): [B, 1 + N, d] → [B, N, head_dim]
+    in float32."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(layer_input[:, 1:])  # layer_norm1 is per token: the patch rows alone suffice
+    B, N, _ = x.shape
+    return attn.k_proj(x).view(B, N, attn.num_heads, attn.head_dim).float().mean(2)
+
+
 class LisaModel(nn.Module):
     """LISA's modules; see the module docstring for the data flow.
 
@@ -160,13 +170,15 @@ class LisaModel(nn.Module):
         return self.llm.model
 
     # ------------------------------------------------------------------ vision
-    def encode_image(self, clip_pixels: torch.Tensor, output_cls_attention: bool = False):
+    def encode_image(self, clip_pixels: torch.Tensor, output_cls_attention: bool = False, output_keys: bool = False):
         """CLIP patch features at the select layer, projected to the LLM width.
 
-        Returns ``(tokens [B, N, d_llm], cls_attention [B, N] or None)``. The CLS attention is the
+        Returns ``(tokens [B, N, d_llm], cls_attention [B, N] or None)``, and with `output_keys`
+        ``(tokens, cls_attention, keys [B, N, head_dim])``. The CLS attention is the
         attention of the [CLS] query to the patch tokens in the layer that produced the features,
-        averaged over heads (csp's ``cls_attn`` clustering). It is computed from that layer's own
-        norm and q/k projections, so the tower keeps its SDPA attention.
+        averaged over heads (csp's ``cls_attn`` clustering); the keys are that layer's attention keys
+        of the patch tokens, averaged over heads (VisionZip's merge metric, `clip_patch_keys`). Both are
+        computed from that layer's own norm and q/k projections, so the tower keeps its SDPA attention.
         """
         out = self.vision_tower(pixel_values=clip_pixels.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.vision_select_layer][:, 1:]  # drop CLS: [B, N, d_vis]
@@ -176,12 +188,15 @@ class LisaModel(nn.Module):
         if self.image_position == "sincos":
             rows, cols = self.grid_size
             tokens = tokens + grid_sincos(rows, cols, tokens.shape[-1]).to(tokens.device, tokens.dtype)
-        cls_attn = None
+        cls_attn = keys = None
+        # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings).
+        n_layers = len(out.hidden_states) - 1
+        s = self.vision_select_layer % (n_layers + 1)  # index into hidden_states
         if output_cls_attention:
-            # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings).
-            n_layers = len(out.hidden_states) - 1
-            s = self.vision_select_layer % (n_layers + 1)  # index into hidden_states
             cls_attn = clip_cls_attention(self.vision_tower.encoder.layers[s - 1], out.hidden_states[s - 1])
+        if output_keys:
+            keys = clip_patch_keys(self.vision_tower.encoder.layers[s - 1], out.hidden_states[s - 1])
+            return tokens, cls_attn, keys
         return tokens, cls_attn
 
     # ------------------------------------------------------------------ prompt

@@ -40,29 +40,35 @@ def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None
     (see `cspexp.pruning.engine.Observer`)."""
     stopwatch = stopwatch or NullStopwatch()
     if features is not None:
-        image_tokens, cls_attn = features.image_tokens, features.cls_attention
+        image_tokens, cls_attn, clip_keys = features.image_tokens, features.cls_attention, features.clip_keys
         if method.needs_cls_attention and cls_attn is None:
             raise RuntimeError("the method needs CLIP's [CLS] attention and the given features have none")
+        if method.needs_clip_keys and clip_keys is None:
+            raise RuntimeError("the method needs CLIP's patch keys and the given features have none")
     else:
         with stopwatch.section("vision"):
-            image_tokens, cls_attn = model.encode_image(batch["clip_pixels"],
-                                                        output_cls_attention=method.needs_cls_attention)
+            image_tokens, cls_attn, *keys = model.encode_image(batch["clip_pixels"],
+                                                               output_cls_attention=method.needs_cls_attention,
+                                                               output_keys=method.needs_clip_keys)
+        clip_keys = keys[0] if keys else None
     with stopwatch.section("llm_prefill"):
-        state = _prefill(model, batch, method, image_tokens, cls_attn, observers)
+        state = _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys)
     cols = state.columns_of(state.query_pos)
     query_hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
     return state, query_hidden
 
 
-def _prefill(model, batch, method, image_tokens, cls_attn, observers) -> TokenState:
+def _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys=None) -> TokenState:
     prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
     loop = DecoderLoop(model.decoder)
     state = TokenState.from_prompt(prompt, loop.num_layers)
     ctx = PruningContext(
         layers=model.decoder.layers,
         rotary_emb=model.decoder.rotary_emb,
+        final_norm=model.decoder.norm,
         grid_size=model.grid_size,
         cls_attention=cls_attn,
+        clip_keys=clip_keys,
         images=batch.get("images"),
         sample_ids=batch["idx"].tolist() if "idx" in batch else None,
     )
@@ -80,7 +86,8 @@ def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None
     stopwatch = stopwatch or NullStopwatch()
     if features is None:
         with stopwatch.section("vision"):
-            features = encode_vision(model, batch, cls_attention=method.needs_cls_attention)
+            features = encode_vision(model, batch, cls_attention=method.needs_cls_attention,
+                                     clip_keys=method.needs_clip_keys)
     state, query_hidden = run_llm(model, batch, method, stopwatch, observers, features=features)
     with stopwatch.section("mask_decoder"):
         seg_embeds = model.seg_embedding(query_hidden)

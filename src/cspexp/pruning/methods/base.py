@@ -22,7 +22,9 @@ class PruningContext:
     layers: Any  # the LLaMA decoder layers (for a method's own q/k projections)
     rotary_emb: Any  # the LLaMA rotary embedding (position ids → cos, sin)
     grid_size: tuple[int, int]  # image-token grid (rows, cols)
+    final_norm: Any = None  # the LLaMA's final RMSNorm (dart compares states after it); None: not given
     cls_attention: torch.Tensor | None = None  # [B, N] CLIP [CLS] attention at the feature layer
+    clip_keys: torch.Tensor | None = None  # [B, N, head_dim] CLIP patch keys at the feature layer, heads averaged
     images: list | None = None  # per sample uint8 [H, W, 3] originals (for segmenter-based selection)
     sample_ids: list[int] | None = None  # dataset idx per sample (per-sample seeds)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -45,6 +47,8 @@ class PruningSpec:
     name: ClassVar[str] = "base"
     #: whether the method needs the CLIP [CLS] attention in the context
     needs_cls_attention: ClassVar[bool] = False
+    #: whether the method needs CLIP's patch keys (`PruningContext.clip_keys`) in the context
+    needs_clip_keys: ClassVar[bool] = False
 
     keep: KeepFraction = 1.0
 
@@ -68,6 +72,12 @@ class PruningSpec:
         """The schedule's parameters, for results.json and tables."""
         return {"name": self.name, "keep": self.keep}
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether the method reads the image itself (CLIP's [CLS] attention or keys, the pixels), not
+        only the token states: the benchmark's synthetic prompts have no image to give it."""
+        return self.needs_cls_attention or self.needs_clip_keys
+
     def __getattr__(self, attr: str):
         if attr in ("setup", "before_layer"):
             raise AttributeError(
@@ -90,6 +100,7 @@ class PruningMethod:
         self.spec, self.num_layers, self.n_image = spec, num_layers, n_image
         self.name = spec.name
         self.needs_cls_attention = spec.needs_cls_attention
+        self.needs_clip_keys = spec.needs_clip_keys
         self.keep = spec.keep
 
     def setup(self, state, ctx: PruningContext) -> None:

@@ -121,6 +121,10 @@ class ClusterScatterPrune(PruningSpec):
     def needs_cls_attention(self) -> bool:
         return self.select == "cls_attn"
 
+    @property
+    def needs_images(self) -> bool:
+        return self.select in ("cls_attn", "seg_first")
+
     def bind(self, num_layers: int, n_image: int) -> BoundClusterScatterPrune:
         return BoundClusterScatterPrune(self, num_layers, n_image)
 
