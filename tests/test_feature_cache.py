@@ -41,6 +41,7 @@ METHODS = {
     "csp_cls_attn": ("prune=csp", "prune.keep=0.3", "prune.cluster.select=cls_attn", "prune.cluster.assign=feature"),
     "csp_seg_first": ("prune=csp", "prune.keep=0.3", "prune.cluster.select=seg_first"),
     "fastv": ("prune=fastv", "prune.keep=0.2"),
+    "visionzip": ("prune=visionzip", "prune.keep=0.2"),
 }
 
 

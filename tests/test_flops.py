@@ -13,6 +13,11 @@ from cspexp.models.loaders import build_model
 from cspexp.pruning.engine import DecoderLoop, TokenState
 from cspexp.pruning.methods import ClusterScatterPrune, FastV, NoPruning, PyramidDrop, VisualTokenWithdrawal
 from cspexp.pruning.methods.base import PruningContext
+from cspexp.pruning.methods.dart import Dart
+from cspexp.pruning.methods.divprune import DivPrune
+from cspexp.pruning.methods.fastervlm import FasterVLM
+from cspexp.pruning.methods.sparsevlm import SparseVLM
+from cspexp.pruning.methods.visionzip import VisionZip
 
 from conftest import CONF_DIR
 
@@ -56,19 +61,29 @@ def eager_model():
         lambda: ClusterScatterPrune(keep=0.3, scatter={"mode": "residual"}),
         lambda: ClusterScatterPrune(keep=0.2, cluster={"assign": "feature"}, scatter={"mode": "copy"}),
         lambda: ClusterScatterPrune(keep=0.5, cluster={"select": "random"}, scatter={"mode": "reset"}),
+        lambda: Dart(keep=0.3),
+        lambda: FasterVLM(keep=0.3),
+        lambda: DivPrune(keep=0.3),
+        lambda: VisionZip(keep=0.3),
+        lambda: SparseVLM(),
     ],
-    ids=["none", "fastv", "pdrop", "vtw", "csp_residual", "csp_copy_feature", "csp_reset"],
+    ids=["none", "fastv", "pdrop", "vtw", "csp_residual", "csp_copy_feature", "csp_reset", "dart", "fastervlm", "divprune",
+         "visionzip", "sparsevlm"],
 )
 def test_analytic_llm_flops_equal_flop_counter(eager_model, method):
     loaded, batch = eager_model
     model = loaded.model
     m = method().bind(model.num_layers, model.n_image_tokens)
     with torch.no_grad():
-        image_tokens, _ = model.encode_image(batch["clip_pixels"])
+        # CLIP's [CLS] row (fastervlm) is vision-side work, computed here outside the counter
+        image_tokens, cls_attention, *keys = model.encode_image(batch["clip_pixels"],
+                                                                output_cls_attention=m.needs_cls_attention,
+                                                                output_keys=m.needs_clip_keys)  # visionzip's keys
         prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
         loop = DecoderLoop(model.decoder)
         ctx = PruningContext(layers=model.decoder.layers, rotary_emb=model.decoder.rotary_emb,
-                             grid_size=model.grid_size, sample_ids=[0])
+                             grid_size=model.grid_size, sample_ids=[0], cls_attention=cls_attention,
+                             clip_keys=keys[0] if keys else None)
         counter = FlopCounterMode(display=False)
         with counter:
             state = loop.run(TokenState.from_prompt(prompt, loop.num_layers), m, ctx)

@@ -305,13 +305,22 @@ def test_bad_schedules_are_rejected_with_the_key(make, message):
 DEFAULT_COUNTS = {
     "none": [256] * 8,
     "csp": [64, 64, 256, 256] + [26] * 4,  # spans [0, 2) / [2, 4); ⌊0.25·256⌋ = 64; ⌈0.1·256⌉ = 26
+    "dart": [256, 256] + [57] * 6,  # before layer 2: ⌈0.222·256⌉ = 57 (4 image pivots + 53 least duplicated)
+    "divprune": [64] * 8,  # before the LLM: ⌈0.25·256⌉ = 64 from layer 0 on
     "fastv": [256, 256] + [128] * 6,
+    "fastervlm": [64] * 8,  # before the LLM: ⌈0.25·256⌉ = 64 from layer 0 on
     "norm": [256, 256] + [128] * 6,
     "pdrop": [256, 256, 128, 128, 64, 64, 32, 32],  # layers 2, 4, 6
     "random": [256, 256] + [128] * 6,
+    "sparsevlm": [256, 256, 61, 55, 55, 55, 55, 55],  # scoring layers 1, 2, 4, 5; 4 raters: int(4·13.5) = 54 + 7 merged, then 54 + 1
     "uniform": [256, 256] + [128] * 6,
+    "visionzip": [64] * 8,  # before the LLM: ⌈0.25·256⌉ = 64 (54 dominant + 10 contextual) from layer 0 on
     "vtw": [256] * 5 + [0] * 3,  # ⌊0.625·8 + 0.5⌋ = 5
 }
+# Data-dependent counts (sparsevlm: the rank of the raters' attention): alone, the first sample keeps its own
+# count (3 raters: int(3·13.5) = 40 + 7 merged, then 40 + 1); a batch keeps its samples' largest (DEFAULT_COUNTS).
+ALONE_COUNTS = {"sparsevlm": [256, 256, 47, 41, 41, 41, 41, 41]}
+USES_CLS_ATTENTION = {"fastervlm", "visionzip"}  # options whose method reads CLIP's [CLS] attention (ctx.cls_attention)
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "prune").glob("*.yaml")))
@@ -323,12 +332,13 @@ def test_binding_a_configured_spec_returns_a_ready_method(tiny, option):
     assert isinstance(spec, PruningSpec) and not hasattr(spec, "setup") and not hasattr(spec, "before_layer")
     method = spec.bind(L, N)
     assert isinstance(method, PruningMethod) and method.spec is spec
-    assert (method.name, method.needs_cls_attention, method.describe()) == (option, False, spec.describe())
+    assert (method.name, method.needs_cls_attention, method.describe()) == (
+        option, option in USES_CLS_ATTENTION, spec.describe())
     with torch.no_grad():
         first, _ = run_llm(loaded.model, loaded.processor.collate(items), method)
         again, _ = run_llm(loaded.model, loaded.processor.collate(items[:1]), method)
     assert first.trace.image_per_layer.tolist() == [DEFAULT_COUNTS[option]] * 3
-    assert again.trace.image_per_layer.tolist() == [DEFAULT_COUNTS[option]]
+    assert again.trace.image_per_layer.tolist() == [ALONE_COUNTS.get(option, DEFAULT_COUNTS[option])]
 
 
 def test_an_unbound_spec_cannot_run_and_a_spec_does_not_change(tiny):

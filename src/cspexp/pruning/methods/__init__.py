@@ -3,14 +3,22 @@
 
 from cspexp.pruning.methods.base import NoPruning, PruningContext, PruningMethod, PruningSpec
 from cspexp.pruning.methods.csp import ClusterScatterPrune
+from cspexp.pruning.methods.dart import Dart
+from cspexp.pruning.methods.divprune import DivPrune
+from cspexp.pruning.methods.fastervlm import FasterVLM
 from cspexp.pruning.methods.fastv import FastV
 from cspexp.pruning.methods.norm import NormDrop
 from cspexp.pruning.methods.pdrop import PyramidDrop
 from cspexp.pruning.methods.simple import RandomDrop, UniformDrop
+from cspexp.pruning.methods.sparsevlm import SparseVLM
+from cspexp.pruning.methods.visionzip import VisionZip
 from cspexp.pruning.methods.vtw import VisualTokenWithdrawal
 
 __all__ = [
     "ClusterScatterPrune",
+    "Dart",
+    "DivPrune",
+    "FasterVLM",
     "FastV",
     "NoPruning",
     "NormDrop",
@@ -19,6 +27,8 @@ __all__ = [
     "PruningSpec",
     "PyramidDrop",
     "RandomDrop",
+    "SparseVLM",
     "UniformDrop",
+    "VisionZip",
     "VisualTokenWithdrawal",
 ]
