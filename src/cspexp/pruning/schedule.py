@@ -26,6 +26,18 @@ def resolve_layer(value, num_layers: int, key: str) -> int:
     return int(value)
 
 
+def resolve_layers(values, num_layers: int, key: str, lo: int, hi: int, what: str, why: str = "") -> tuple[int, ...]:
+    """A non-empty list of layer indices or fractions (`resolve_layer` each) that must come out
+    distinct, increasing and within lo..hi; `what` names them in the error ("drop layers"), `why`
+    (optional) says why the range is what it is."""
+    given = list(values)
+    layers = [resolve_layer(v, num_layers, f"{key}[{i}]") for i, v in enumerate(given)]
+    if not layers or any(not lo <= l <= hi for l in layers) or layers != sorted(set(layers)):
+        raise ConfigError(f"{key}={given} resolves to {layers}: {what} must be distinct, increasing and within "
+                          f"{lo}..{hi}" + (f" ({why})" if why else ""))
+    return tuple(layers)
+
+
 def resolve_span(span, num_layers: int, key: str) -> tuple[int, int]:
     """[start, end) in absolute layers; start ≤ end ≤ num_layers."""
     if isinstance(span, (str, bytes)) or not isinstance(span, Sequence) or len(span) != 2:

@@ -24,7 +24,7 @@ from typing import Literal
 
 from cspexp.utils.choices import KeepFraction
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec, keep_top, score_image_tokens
-from cspexp.pruning.schedule import n_keep, resolve_layer
+from cspexp.pruning.schedule import n_keep, resolve_layers
 from cspexp.pruning.scoring import Query
 from cspexp.utils.errors import ConfigError
 
@@ -78,13 +78,7 @@ class PyramidDrop(PruningSpec):
 class BoundPyramidDrop(PruningMethod):
     def __init__(self, spec: PyramidDrop, num_layers: int, n_image: int) -> None:
         super().__init__(spec, num_layers, n_image)
-        layers_spec = list(spec.layers)
-        layers = [resolve_layer(v, num_layers, f"prune.layers[{i}]") for i, v in enumerate(layers_spec)]
-        if not layers or any(not 1 <= l <= num_layers - 1 for l in layers) or layers != sorted(set(layers)):
-            raise ConfigError(
-                f"prune.layers={layers_spec} resolves to {layers}: drop layers must be distinct, increasing "
-                f"and within 1..{num_layers - 1}"
-            )
+        layers = list(resolve_layers(spec.layers, num_layers, "prune.layers", 1, num_layers - 1, "drop layers"))
         if spec.count == "original":
             counts = original_counts(spec.keep, n_image, len(layers))
             if 0 in counts:

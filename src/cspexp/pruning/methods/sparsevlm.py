@@ -55,7 +55,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from cspexp.models.lisa import IMAGE, PAD
 from cspexp.pruning.engine import Tokens
 from cspexp.pruning.methods.base import PruningContext, PruningMethod, PruningSpec
-from cspexp.pruning.schedule import n_keep, resolve_layer
+from cspexp.pruning.schedule import n_keep, resolve_layers
 from cspexp.pruning.scoring import query_mask
 from cspexp.pruning.selection import indices_to_mask, topk_indices
 from cspexp.utils.choices import Fraction, KeepFraction, Range
@@ -206,14 +206,8 @@ class BoundSparseVLM(PruningMethod):
 
     def __init__(self, spec: SparseVLM, num_layers: int, n_image: int) -> None:
         super().__init__(spec, num_layers, n_image)
-        given = list(spec.layers)
-        layers = [resolve_layer(v, num_layers, f"prune.layers[{i}]") for i, v in enumerate(given)]
-        if not layers or any(not 0 <= l <= num_layers - 2 for l in layers) or layers != sorted(set(layers)):
-            raise ConfigError(
-                f"prune.layers={given} resolves to {layers}: SparseVLM's scoring layers must be distinct, "
-                f"increasing and within 0..{num_layers - 2} (the tokens leave before the layer after each)"
-            )
-        self.layers = tuple(layers)
+        self.layers = resolve_layers(spec.layers, num_layers, "prune.layers", 0, num_layers - 2,
+                                     "SparseVLM's scoring layers", "the tokens leave before the layer after each")
         self.cap = n_keep(spec.keep, n_image)
         self.scale, self.bias = spec.scale, spec.bias
         self.recycle, self.recycle_ratio, self.cluster_ratio = spec.recycle, spec.recycle_ratio, spec.cluster_ratio
