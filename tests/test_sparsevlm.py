@@ -144,6 +144,8 @@ def test_pruning_step_worked_by_hand():
     (step,) = state.extras["sparsevlm"]["recycled"]
     assert step["grid"].tolist() == [[0, 1, 3, 4, 6, 8]]  # best score first
     assert step["cluster"].tolist() == [[0, 1, 1, 0, 0, 1]] and step["centres"].tolist() == [[0, 1]]
+    # what the pictures draw: the groups above, each at its centre's cell
+    assert state.extras["merges"] == [{0: [4, 6], 1: [3, 8]}]
     # the method's own work: the 6 × 6 Gram matrix and the [2, 6] × [6, 1] merge
     assert state.trace.overhead == [
         {"kind": "matmul", "what": "sparsevlm recycled-token Gram matrix", "m": 6, "n": 6, "k": 1},

@@ -188,6 +188,11 @@ def test_equals_the_authors_rule_on_the_tiny_model(tiny, keep, ratio):
         assert ex["targets"][i].tolist() == ref["targets"][i].tolist()
         assert ex["members"][i].tolist() == ref["members"][i].tolist()
         assert torch.equal(torch.gather(ex["targets"][i], 0, ex["assign"][i]), ref["member_target"][i])
+        # what the pictures draw (`state.extras["merges"]`): each target cell and the cells merged into it
+        expected_merges: dict[int, list[int]] = {}
+        for member, target in zip(ref["members"][i].tolist(), ref["member_target"][i].tolist()):
+            expected_merges.setdefault(target, []).append(member)
+        assert state.extras["merges"][i] == {t: sorted(m) for t, m in expected_merges.items()}
         # what the LLM sees: the dominant and contextual tokens, each at its own (or its target's) cell
         cells = rec.grid[i].tolist()
         assert cells == sorted(ref["dominant"][i].tolist() + ref["targets"][i].tolist())

@@ -54,6 +54,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from cspexp.models.lisa import IMAGE, PAD
 from cspexp.pruning.engine import Tokens
+from cspexp.pruning.merges import record_merges
 from cspexp.pruning.methods.base import PruningContext, PruningMethod, PruningSpec
 from cspexp.pruning.schedule import n_keep, resolve_layers
 from cspexp.pruning.scoring import query_mask
@@ -286,9 +287,10 @@ class BoundSparseVLM(PruningMethod):
                                      "n": m, "k": d})
         state.trace.overhead.append({"kind": "matmul", "what": "sparsevlm cluster merge", "m": k, "n": d, "k": m})
         cols = torch.stack(centre_cols)  # [B, k] the centres among the pruned tokens
-        state.extras["sparsevlm"]["recycled"].append(
-            {"at": pending["at"], "grid": torch.gather(dropped.grid, 1, chosen), "cluster": torch.stack(clusters),
-             "centres": torch.gather(dropped.grid, 1, cols)})
+        recycled = {"at": pending["at"], "grid": torch.gather(dropped.grid, 1, chosen),
+                    "cluster": torch.stack(clusters), "centres": torch.gather(dropped.grid, 1, cols)}
+        state.extras["sparsevlm"]["recycled"].append(recycled)
+        record_merges(state, recycled["centres"], recycled["grid"], recycled["cluster"])
         pos = torch.gather(dropped.pos, 1, cols)
         state.insert(Tokens(hidden=torch.stack(hidden).to(state.hidden.dtype), pos=pos,
                             kind=torch.full_like(pos, IMAGE), grid=torch.gather(dropped.grid, 1, cols),

@@ -27,6 +27,7 @@ import torch
 
 from cspexp.models.lisa import IMAGE
 from cspexp.pruning.engine import Tokens
+from cspexp.pruning.merges import record_merges
 from cspexp.pruning.methods.base import PruningMethod, PruningSpec
 from cspexp.pruning.schedule import n_keep
 from cspexp.pruning.selection import indices_to_mask, topk_indices
@@ -130,6 +131,7 @@ class BoundVisionZip(PruningMethod):
                 ]
             bookkeeping.update(targets=torch.gather(grid, 1, targets), members=torch.gather(grid, 1, members),
                                assign=assign)
+            record_merges(state, bookkeeping["targets"], bookkeeping["members"], assign)
         state.extras["visionzip"] = bookkeeping  # grid cells: dominant, targets, members; member → target slot
         state.drop_image(is_dominant)  # targets and members leave ...
         if merged is not None:  # ... and each target comes back holding its merged value
