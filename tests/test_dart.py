@@ -115,9 +115,9 @@ def test_hand_worked_selection(spec, kept, pivots, why):
     candidates = 6 + ((4 if spec.text_span == "all" else 2) if spec.pivot_text else 0)
     assert overhead == [
         {"kind": "matmul", "what": "dart: layer K−1 keys of the pivot candidates", "layer": 0, "m": [candidates],
-         "n": 2, "k": 2},
+         "n": 2, "k": 2, "widths": {"n": "kv", "k": "hidden"}},
         {"kind": "matmul", "what": "dart: pivot × image-token cosine similarities", "layer": 1, "m": [pivots],
-         "n": 6, "k": 2},
+         "n": 6, "k": 2, "widths": {"k": "hidden"}},
     ]
 
 

@@ -62,7 +62,7 @@ def test_hand_worked_max_min_picks_under_cosine_distance():
         # one [5, 2] × [2, 5] similarity product per sample, unless nothing is dropped
         assert state.trace.overhead == ([] if count == 5 else
                                         [{"kind": "matmul", "what": "divprune cosine similarities", "m": 5, "n": 5,
-                                          "k": 2}])
+                                          "k": 2, "widths": {"k": "hidden"}}])
 
 
 def test_ties_go_to_the_lowest_index_as_torch_argmax():

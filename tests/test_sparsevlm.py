@@ -148,8 +148,9 @@ def test_pruning_step_worked_by_hand():
     assert state.extras["merges"] == [{0: [4, 6], 1: [3, 8]}]
     # the method's own work: the 6 × 6 Gram matrix and the [2, 6] × [6, 1] merge
     assert state.trace.overhead == [
-        {"kind": "matmul", "what": "sparsevlm recycled-token Gram matrix", "m": 6, "n": 6, "k": 1},
-        {"kind": "matmul", "what": "sparsevlm cluster merge", "m": 2, "n": 1, "k": 6},
+        {"kind": "matmul", "what": "sparsevlm recycled-token Gram matrix", "m": 6, "n": 6, "k": 1,
+         "widths": {"k": "hidden"}},
+        {"kind": "matmul", "what": "sparsevlm cluster merge", "m": 2, "n": 1, "k": 6, "widths": {"n": "hidden"}},
     ]
 
 

@@ -20,6 +20,7 @@ from transformers.models.sam.configuration_sam import SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 from cspexp.flops.analytic import layer_macs
+from cspexp.pruning.methods import Dart, DivPrune
 from cspexp.flops.sweep_cost import grid_jobs, llm_dims, point_llm_flops, shape_config, sweep_cost
 from cspexp.flops.vision import (
     LISA_7B_VISION,
@@ -187,3 +188,42 @@ def test_script_prints_both_tables(monkeypatch, capsys):
     for grid, jobs, distinct in (("default", 16, 13), ("paper_main", 7, 7)):
         for shape in ("lisa_7b", "lisa_13b"):
             assert f"| {grid} | {shape} | {jobs} | {distinct} |" in out
+
+
+@pytest.mark.parametrize("spec", [DivPrune(keep=0.35), Dart(keep=0.2578)], ids=lambda s: s.name)
+def test_matmul_overhead_is_priced_at_the_real_width(spec):
+    """The proxy's trace at width 8 gives the same prefill FLOPs as the same layout run at the shape's
+    own width (64, `model_shape=tiny`): the `widths` of the methods' matmul events are what lets it.
+    The real-width run is independent of the proxy: its events carry the real sizes. (Both methods keep
+    fixed counts; sparsevlm's adaptive counts depend on the weights, so its widths are checked by its
+    own events' test.)"""
+    from cspexp.bench import build_llm, lisa_layout
+    from cspexp.flops.analytic import sample_flops
+    from cspexp.pruning.engine import DecoderLoop, TokenState
+    from cspexp.pruning.methods import PruningContext
+
+    shape = shape_config("tiny")
+    rows, cols = shape.grid
+    torch.manual_seed(0)
+    model = build_llm(shape, torch.float32, "cpu", "sdpa")
+    prompt = lisa_layout(shape, 1, torch.float32, "cpu", seed=0)
+    method = spec.bind(shape.num_hidden_layers, rows * cols)
+    ctx = PruningContext(layers=model.layers, rotary_emb=model.rotary_emb, grid_size=(rows, cols))
+    with torch.inference_mode():
+        trace = DecoderLoop(model).run(TokenState.from_prompt(prompt, len(model.layers)), method, ctx).trace
+    f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), rows * cols,
+                     llm_dims(shape), trace.sample_overhead(0))
+    assert f["overhead"] > 0 and any(e["kind"] == "matmul" for e in trace.overhead)
+    assert point_llm_flops(spec, shape) == f["llm"] + f["overhead"]
+
+
+def test_an_event_without_widths_is_refused():
+    from cspexp.flops.sweep_cost import at_width
+
+    dims = llm_dims(shape_config("tiny"))
+    with pytest.raises(ValueError, match="does not say which sizes are model widths"):
+        at_width({"kind": "matmul", "what": "x", "m": 1, "n": 2, "k": 8}, dims, "m")
+    with pytest.raises(ValueError, match="clip_head width"):
+        at_width({"kind": "matmul", "what": "x", "m": 1, "n": 2, "k": 8, "widths": {"k": "clip_head"}}, dims, "m")
+    assert at_width({"kind": "matmul", "m": 1, "n": 8, "k": 8, "widths": {"n": "kv", "k": "hidden"}}, dims, "m") == {
+        "kind": "matmul", "m": 1, "n": dims.kv_size, "k": dims.hidden_size, "widths": {"n": "kv", "k": "hidden"}}

@@ -91,8 +91,9 @@ def test_a_hand_worked_case():
     # text and system tokens untouched; the products charged with their sizes
     assert state.kind[0].tolist() == [SYSTEM] + [IMAGE] * 4 + [TEXT, TEXT]
     assert state.trace.overhead == [
-        {"kind": "matmul", "what": "visionzip key similarity", "m": 4, "n": 2, "k": 2},  # [M, hd] × [hd, C]
-        {"kind": "matmul", "what": "visionzip merge", "m": 2, "n": 2, "k": 4},  # [C, M] × [M, d]
+        {"kind": "matmul", "what": "visionzip key similarity", "m": 4, "n": 2, "k": 2,  # [M, hd] × [hd, C]
+         "widths": {"k": "clip_head"}},
+        {"kind": "matmul", "what": "visionzip merge", "m": 2, "n": 2, "k": 4, "widths": {"n": "hidden"}},  # [C, M] × [M, d]
     ]
 
 
@@ -332,8 +333,10 @@ def test_dominant_ratio_zero_merges_everything_into_a_uniform_stride(tiny):
             expected = tokens[i, t] + (tokens[i, joined].mean(0) if joined else 0)
             assert torch.allclose(rec.hidden[i, j], expected, atol=1e-5)
     assert out.trace.overhead == [
-        {"kind": "matmul", "what": "visionzip key similarity", "m": 192, "n": 64, "k": keys.shape[-1]},
-        {"kind": "matmul", "what": "visionzip merge", "m": 64, "n": model.llm.config.hidden_size, "k": 192},
+        {"kind": "matmul", "what": "visionzip key similarity", "m": 192, "n": 64, "k": keys.shape[-1],
+         "widths": {"k": "clip_head"}},
+        {"kind": "matmul", "what": "visionzip merge", "m": 64, "n": model.llm.config.hidden_size, "k": 192,
+         "widths": {"n": "hidden"}},
     ]
 
 

@@ -61,7 +61,9 @@ def overhead_macs(events: Sequence[dict], dims: LlmDims) -> int:
             total += e["members"] * e["reps"] * e["dim"]  # cosine similarities
         elif e["kind"] == "matmul":
             # any product of an [m, k] and a [k, n] matrix a method computes (similarities, merges);
-            # `what` names it for people
+            # `what` names it for people; `widths` ({"m"|"n"|"k": "hidden"|"kv"|"clip_head"}) says which
+            # sizes are a model's widths rather than token counts, so that `cspexp.flops.sweep_cost`
+            # can price the event at another model's width
             total += e["m"] * e["n"] * e["k"]
         else:
             raise ValueError(f"unknown overhead event {e['kind']!r}")
@@ -102,3 +104,23 @@ def summarize(rows: Sequence[dict]) -> dict:
         "reduction_llm": 1.0 - mean["llm"] / mean["llm_dense"],
         "reduction_image": 1.0 - mean["image"] / mean["image_dense"] if mean["image_dense"] else None,
     }
+
+
+def decode_macs(context: int, dims: LlmDims) -> int:
+    """MACs of one decoded token in one layer whose KV cache holds `context` tokens (itself included):
+    its projections and FFN, and one attention row over the cache (q·Kᵀ and A·V)."""
+    d, dkv, m = dims.hidden_size, dims.kv_size, dims.intermediate_size
+    return 2 * d * d + 2 * d * dkv + 2 * context * d + 3 * d * m
+
+
+def decode_flops(prompt_per_layer: Sequence[int], steps: int, dims: LlmDims, vocab_size: int = 0) -> float | None:
+    """Mean FLOPs per decoding step of one sample (generation, `cspexp.pruning.generate`): step t = 1..steps
+    runs one token through every layer against a cache of that layer's prompt tokens
+    (`prompt_per_layer`, what the pruned prefill left there) plus t tokens, then the lm_head (d·vocab).
+    None when nothing was decoded. The prefill's FLOPs are `sample_flops`'."""
+    if steps <= 0:
+        return None
+    # Σ_t decode_macs(n + t) over t = 1..steps, in closed form: the context grows by one per step
+    d = dims.hidden_size
+    total = sum(steps * decode_macs(n, dims) + 2 * d * steps * (steps + 1) // 2 for n in prompt_per_layer)
+    return 2 * (total / steps + d * vocab_size)

@@ -104,6 +104,25 @@ def llm_dims(shape: DictConfig) -> LlmDims:
                                           attn_implementation="sdpa"))
 
 
+def at_width(event: dict, dims, method: str) -> dict:
+    """A matmul overhead event measured on the width-8 proxy, with the sizes its `widths` names as the
+    LLM's widths ("hidden", "kv") set to the real model's; its other sizes are token counts, which the
+    proxy has right. An event that does not say which sizes are widths, or names another model's width
+    (CLIP's), cannot be priced here: refuse rather than undercount."""
+    widths = event.get("widths")
+    if widths is None:
+        raise ValueError(f"prune={method}: its overhead event {event.get('what', 'matmul')!r} does not say which "
+                         "sizes are model widths (`widths`), so it cannot be priced on the width-8 proxy")
+    real = {"hidden": dims.hidden_size, "kv": dims.kv_size}
+    out = dict(event)
+    for size, width in widths.items():
+        if width not in real:
+            raise ValueError(f"prune={method}: its overhead event {event.get('what')!r} has a {width} width, "
+                             "which the LLM-only proxy does not model")
+        out[size] = real[width]
+    return out
+
+
 def point_llm_flops(spec, shape: DictConfig) -> int:
     """Prefill FLOPs (overhead included) of one sample at `shape` with the pruning method `spec`."""
     from cspexp.bench import build_llm, lisa_layout
@@ -131,10 +150,7 @@ def point_llm_flops(spec, shape: DictConfig) -> int:
         torch.set_num_threads(threads)
     # feature assignment compares LLM states: its width is the real model's, not the proxy's
     events = [{**e, "dim": shape.hidden_size} if "dim" in e else e for e in trace.sample_overhead(0)]
-    if any(e["kind"] == "matmul" for e in events):
-        # a matmul event's sizes may hold the proxy's width in any of m, n, k: pricing it here would
-        # undercount the method's overhead, so refuse rather than guess
-        raise ValueError(f"prune={spec.name}: its overhead (matmul events) cannot be priced on the width-8 proxy")
+    events = [at_width(e, llm_dims(shape), spec.name) if e["kind"] == "matmul" else e for e in events]
     f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), n_image,
                      llm_dims(shape), events)
     return f["llm"] + f["overhead"]

@@ -131,7 +131,7 @@ class BoundDart(PruningMethod):
             l1 = keys.float().abs().sum(-1)  # [B, m]
         state.trace.overhead.append({"kind": "matmul", "what": "dart: layer K−1 keys of the pivot candidates",
                                      "layer": layer, "m": counts.tolist(), "n": int(keys.shape[-1]),
-                                     "k": int(state.hidden.shape[-1])})
+                                     "k": int(state.hidden.shape[-1]), "widths": {"n": "kv", "k": "hidden"}})
         kind, pos = torch.gather(state.kind, 1, cols), torch.gather(state.pos, 1, cols)
         pivots = []
         for b in range(state.batch_size):
@@ -160,7 +160,7 @@ class BoundDart(PruningMethod):
             sims = torch.bmm(h_piv, h_img.transpose(1, 2))  # [B, P, N] cosine similarities
         state.trace.overhead.append({"kind": "matmul", "what": "dart: pivot × image-token cosine similarities",
                                      "layer": self.layer, "m": [len(order) for order, _ in pivots], "n": n_img,
-                                     "k": int(state.hidden.shape[-1])})
+                                     "k": int(state.hidden.shape[-1]), "widths": {"k": "hidden"}})
         img_pos = torch.gather(state.pos, 1, img_cols)
         keep = torch.zeros(state.batch_size, n_img, dtype=torch.bool, device=img_cols.device)
         for b, (order, image) in enumerate(pivots):

@@ -135,7 +135,7 @@ class BoundDivPrune(PruningMethod):
                 picks = max_min_picks(cosine_distances(features), self.count)
             # the similarity matrix is the method's own work: one [n, d] × [d, n] product per sample
             state.trace.overhead.append({"kind": "matmul", "what": "divprune cosine similarities",
-                                         "m": n, "n": n, "k": int(features.shape[-1])})
+                                         "m": n, "n": n, "k": int(features.shape[-1]), "widths": {"k": "hidden"}})
             state.drop_image(indices_to_mask(picks, n))
         if self.renumber:
             state.renumber()

@@ -244,7 +244,7 @@ class BoundSparseVLM(PruningMethod):
             by_pos[b, state.pos[b][candidates[b]][chosen]] = True
         state.trace.overhead.append({"kind": "matmul", "what": "sparsevlm rater relevance (image·textᵀ)",
                                      "m": int(image[0].sum()), "n": candidates.sum(1).tolist(),
-                                     "k": int(state.hidden.shape[-1])})
+                                     "k": int(state.hidden.shape[-1]), "widths": {"k": "hidden"}})
         return by_pos
 
     def score(self, layer: int, state, ctx: PruningContext, raters_by_pos: torch.Tensor) -> dict:
@@ -284,8 +284,9 @@ class BoundSparseVLM(PruningMethod):
             centre_cols.append(chosen[b][centres])
             clusters.append(cluster)
         state.trace.overhead.append({"kind": "matmul", "what": "sparsevlm recycled-token Gram matrix", "m": m,
-                                     "n": m, "k": d})
-        state.trace.overhead.append({"kind": "matmul", "what": "sparsevlm cluster merge", "m": k, "n": d, "k": m})
+                                     "n": m, "k": d, "widths": {"k": "hidden"}})
+        state.trace.overhead.append({"kind": "matmul", "what": "sparsevlm cluster merge", "m": k, "n": d, "k": m,
+                                     "widths": {"n": "hidden"}})
         cols = torch.stack(centre_cols)  # [B, k] the centres among the pruned tokens
         recycled = {"at": pending["at"], "grid": torch.gather(dropped.grid, 1, chosen),
                     "cluster": torch.stack(clusters), "centres": torch.gather(dropped.grid, 1, cols)}

@@ -126,8 +126,9 @@ class BoundVisionZip(PruningMethod):
             if M:
                 d, hd = hidden.shape[-1], keys.shape[-1]
                 state.trace.overhead += [
-                    {"kind": "matmul", "what": "visionzip key similarity", "m": M, "n": C, "k": hd},
-                    {"kind": "matmul", "what": "visionzip merge", "m": C, "n": d, "k": M},
+                    {"kind": "matmul", "what": "visionzip key similarity", "m": M, "n": C, "k": hd,
+                     "widths": {"k": "clip_head"}},
+                    {"kind": "matmul", "what": "visionzip merge", "m": C, "n": d, "k": M, "widths": {"n": "hidden"}},
                 ]
             bookkeeping.update(targets=torch.gather(grid, 1, targets), members=torch.gather(grid, 1, members),
                                assign=assign)
