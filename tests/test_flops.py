@@ -16,6 +16,7 @@ from cspexp.pruning.methods.base import PruningContext
 from cspexp.pruning.methods.dart import Dart
 from cspexp.pruning.methods.divprune import DivPrune
 from cspexp.pruning.methods.fastervlm import FasterVLM
+from cspexp.pruning.methods.mustdrop import MustDrop
 from cspexp.pruning.methods.sparsevlm import SparseVLM
 from cspexp.pruning.methods.visionzip import VisionZip
 
@@ -66,9 +67,10 @@ def eager_model():
         lambda: DivPrune(keep=0.3),
         lambda: VisionZip(keep=0.3),
         lambda: SparseVLM(),
+        lambda: MustDrop(keep=0.3),
     ],
     ids=["none", "fastv", "pdrop", "vtw", "csp_residual", "csp_copy_feature", "csp_reset", "dart", "fastervlm", "divprune",
-         "visionzip", "sparsevlm"],
+         "visionzip", "sparsevlm", "mustdrop"],
 )
 def test_analytic_llm_flops_equal_flop_counter(eager_model, method):
     loaded, batch = eager_model
@@ -91,6 +93,29 @@ def test_analytic_llm_flops_equal_flop_counter(eager_model, method):
     f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), model.n_image_tokens,
                      LlmDims.from_config(model.llm.config), trace.sample_overhead(0))
     assert counter.get_total_flops() == f["llm"] + f["overhead"]
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.3, 0.5])
+def test_analytic_flops_with_tome_equal_flop_counter(eager_model, keep):
+    """tome works inside CLIP, so the counter runs around the whole of `run_llm` — the ToMe'd tower, the
+    projector on the merged tokens, the LLM — and equals CLIP + projector under the schedule
+    (`lisa_vision_flops`), the LLM from the trace, and the overhead (ToMe's similarity products)."""
+    from cspexp.flops.vision import lisa_vision_flops
+    from cspexp.pruning.methods.tome import ToMe
+    from cspexp.pruning.pipeline import run_llm
+
+    loaded, batch = eager_model
+    model = loaded.model
+    m = ToMe(keep=keep).bind(model.num_layers, model.n_image_tokens)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        state, _ = run_llm(model, batch, m)
+    trace = state.trace
+    f = sample_flops(trace.tokens_per_layer[0].tolist(), trace.image_per_layer[0].tolist(), model.n_image_tokens,
+                     LlmDims.from_config(model.llm.config), trace.sample_overhead(0))
+    vision = lisa_vision_flops(model, m)
+    assert vision["vision"] < vision["vision_dense"] and f["overhead"] > 0
+    assert counter.get_total_flops() == vision["vision"] + f["llm"] + f["overhead"]
 
 
 @pytest.mark.parametrize("method", [lambda: NoPruning(), lambda: ClusterScatterPrune(keep=0.3)], ids=["none", "csp"])

@@ -1,7 +1,8 @@
-"""Bad config values, generated: every key of every primary config (eval, train, bench, prompt) gets
-values of the wrong type, and a seeded sample gets typos, out-of-range numbers and bad sweep values.
-Each must end in one error line that names the key (or be a value the key accepts), before anything
-is built. In-process through the pre-flight check, so the suite is fast; a few go through the CLI.
+"""Bad config values, generated: every key of every primary config (eval, train, bench, prompt,
+predict, demo) gets values of the wrong type, and a seeded sample gets typos, out-of-range numbers
+and bad sweep values. Each must end in one error line that names the key (or be a value the key
+accepts), before anything is built. In-process through the pre-flight check, so the suite is fast; a
+few go through the CLI.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from conftest import CONF_DIR
 from cspexp.utils.errors import ConfigError
 from cspexp.utils.preflight import check_composed, preflight
 
-PRIMARY = ("eval", "train", "bench", "prompt")
+PRIMARY = ("eval", "train", "bench", "prompt", "predict", "demo")
 SEED = 20261130
 # Keys whose own declaration accepts a string (so "abc" is a value they take): Lightning's
 # `val_check_interval` (int, float, str or timedelta) and free-text names.
@@ -87,7 +88,7 @@ def test_every_key_refuses_values_of_another_type(name):
         for bad in wrong_types(value, rng):
             expect_refused(cfg, name, key, bad)
             checked += 1
-    assert checked > {"eval": 15, "train": 40, "bench": 10, "prompt": 30}[name]  # the walk saw the config
+    assert checked > {"eval": 15, "train": 40, "bench": 10, "prompt": 30, "predict": 10, "demo": 10}[name]  # the walk saw the config
 
 
 @pytest.mark.parametrize("name", PRIMARY)

@@ -17,7 +17,8 @@ import cspexp
 
 PACKAGE_DIR = Path(cspexp.__file__).resolve().parent
 # The modules a user runs (`python -m …`); each is a leaf of the import graph.
-ENTRY_POINTS = ("cspexp.cli", "cspexp.train", "cspexp.bench", "cspexp.prompt", "cspexp.aggregate", "cspexp.convert")
+ENTRY_POINTS = ("cspexp.cli", "cspexp.train", "cspexp.bench", "cspexp.prompt", "cspexp.aggregate", "cspexp.convert",
+                "cspexp.predict", "cspexp.demo")
 
 
 def module_name(path: Path) -> str:

@@ -22,6 +22,7 @@ from cspexp.pruning.methods import (
     PruningSpec,
     PyramidDrop,
     RandomDrop,
+    ToMe,
     UniformDrop,
     VisualTokenWithdrawal,
 )
@@ -73,8 +74,9 @@ class Recorder(Observer):
         lambda: VisualTokenWithdrawal(layer=L),
         lambda: RandomDrop(keep=1.0),
         lambda: UniformDrop(keep=1.0),
+        lambda: ToMe(keep=1.0),
     ],
-    ids=["fastv", "pdrop", "csp", "vtw", "random", "uniform"],
+    ids=["fastv", "pdrop", "csp", "vtw", "random", "uniform", "tome"],
 )
 def test_methods_that_remove_nothing_equal_none(tiny, method):
     loaded, items = tiny
@@ -309,18 +311,24 @@ DEFAULT_COUNTS = {
     "divprune": [64] * 8,  # before the LLM: ⌈0.25·256⌉ = 64 from layer 0 on
     "fastv": [256, 256] + [128] * 6,
     "fastervlm": [64] * 8,  # before the LLM: ⌈0.25·256⌉ = 64 from layer 0 on
+    # before the LLM the batch merges r = min(52, 24, 53) = 24 2×2 windows (256 − 24·3 = 184); after layer 1 the
+    # cap ⌈0.333·256⌉ = 86; the raised thresholds drop nothing more on these near-uniform attention rows
+    "mustdrop": [184, 184] + [86] * 6,
     "norm": [256, 256] + [128] * 6,
     "pdrop": [256, 256, 128, 128, 64, 64, 32, 32],  # layers 2, 4, 6
     "random": [256, 256] + [128] * 6,
-    "sparsevlm": [256, 256, 61, 55, 55, 55, 55, 55],  # scoring layers 1, 2, 4, 5; 4 raters: int(4·13.5) = 54 + 7 merged, then 54 + 1
+    "sparsevlm": [256, 256, 61, 55, 55, 55, 55, 55],
+    "tome": [64] * 8,  # inside CLIP (2 layers to layer −2): r = 128, then the cap 64 → ⌈0.25·256⌉ = 64 from layer 0 on  # scoring layers 1, 2, 4, 5; 4 raters: int(4·13.5) = 54 + 7 merged, then 54 + 1
     "uniform": [256, 256] + [128] * 6,
     "visionzip": [64] * 8,  # before the LLM: ⌈0.25·256⌉ = 64 (54 dominant + 10 contextual) from layer 0 on
     "vtw": [256] * 5 + [0] * 3,  # ⌊0.625·8 + 0.5⌋ = 5
 }
 # Data-dependent counts (sparsevlm: the rank of the raters' attention): alone, the first sample keeps its own
 # count (3 raters: int(3·13.5) = 40 + 7 merged, then 40 + 1); a batch keeps its samples' largest (DEFAULT_COUNTS).
-ALONE_COUNTS = {"sparsevlm": [256, 256, 47, 41, 41, 41, 41, 41]}
-USES_CLS_ATTENTION = {"fastervlm", "visionzip"}  # options whose method reads CLIP's [CLS] attention (ctx.cls_attention)
+# mustdrop: how many windows merge depends on the image; a batch merges its samples' smallest count.
+ALONE_COUNTS = {"sparsevlm": [256, 256, 47, 41, 41, 41, 41, 41],
+                "mustdrop": [100, 100] + [86] * 6}  # alone, the first sample merges its own 52 windows
+USES_CLS_ATTENTION = {"fastervlm", "visionzip", "mustdrop"}  # options whose method reads CLIP's [CLS] attention (ctx.cls_attention)
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "prune").glob("*.yaml")))

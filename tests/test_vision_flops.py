@@ -62,6 +62,36 @@ def test_clip_equals_flop_counter_up_to_the_selected_layer(select_layer):
     assert clip_vision_flops(model.config, select_layer) == measured(model, torch.randn(1, 3, 28, 28))
 
 
+def test_clip_under_a_tome_schedule_equals_flop_counter():
+    """ToMe (cspexp's CLIP loop with its hook) on a tiny tower, 16 patches + [CLS], 3 layers to layer −2,
+    merged down to 4 patches by r = 4 per layer: the tower's count under the schedule plus the matching's
+    similarity products ([⌈T/2⌉, hd] × [hd, ⌊T/2⌋] per merging layer, hd = 8) is FlopCounterMode's."""
+    from cspexp.models.clip_loop import run_clip
+    from cspexp.pruning.methods.tome import ToMeHook, merge_schedule
+
+    model = tiny_clip()
+    schedule = merge_schedule(16, 4, 3)
+    assert schedule == (4, 4, 4)  # 17 → 13 → 9 → 5 tokens
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run_clip(model, torch.randn(2, 3, 28, 28), -2, ToMeHook(schedule, prop_attn=True))
+    similarity = 9 * 8 * 8 + 7 * 6 * 8 + 5 * 4 * 8
+    assert counter.get_total_flops() == 2 * (clip_vision_flops(model.config, -2, schedule) + 2 * similarity)
+
+
+def test_clip_under_a_tome_schedule_by_hand():
+    """d 32, MLP 48, 16 patches of 7×7×3: embedding 16·32·147 = 75 264 MACs; a layer with T tokens in and
+    T' after the merge: 4·T·32² + 2·T²·32 + 2·T'·32·48."""
+    def layer(t, t_out):
+        return 4 * t * 32 * 32 + 2 * t * t * 32 + 2 * t_out * 32 * 48
+
+    config = tiny_clip().config
+    assert clip_vision_flops(config, -2, (4, 4, 4)) == 2 * (75_264 + layer(17, 13) + layer(13, 9) + layer(9, 5))
+    assert clip_vision_flops(config, -2, (4,)) == 2 * (75_264 + layer(17, 13) + 2 * layer(13, 13))
+    assert clip_vision_flops(config, -2, ()) == clip_vision_flops(config, -2)
+    with pytest.raises(ValueError, match="4 merge counts for a tower that runs 3 layers"):
+        clip_vision_flops(config, -2, (1, 1, 1, 1))
+
+
 def test_clip_select_layer_out_of_range():
     with pytest.raises(ValueError, match="outside"):
         clip_vision_flops(tiny_clip(2).config, select_layer=-4)

@@ -31,6 +31,7 @@ from cspexp.outputs.files import write_json_atomic, write_jsonl_atomic, write_te
 from cspexp.outputs.repeats import copy_outputs, find_earlier, point_identity, repeat_results
 from cspexp.outputs.results import build_results, config_hash, measure, summary_of
 from cspexp.run import Run, build_logger, build_run, require_values
+from cspexp.utils.errors import ConfigError
 from cspexp.utils.hydra_mode import in_multirun
 from cspexp.utils.instantiate import build
 
@@ -80,6 +81,26 @@ def earlier_point(cfg: DictConfig, out_dir: Path) -> tuple[str, tuple[Path, dict
     return identity, find_earlier(sweep_dir, identity, out_dir)
 
 
+def max_new_tokens(cfg: DictConfig) -> int | None:
+    """``generate.max_new_tokens`` when ``evaluate.mode=generate`` (LISA's chat path, README
+    "Generation"), None for the teacher-forced pass. Bad values — and ``prune.query=seg_token``, which
+    needs a [SEG] a generation prompt does not have — are one ConfigError line (the pre-flight check
+    catches them first on the command line)."""
+    from cspexp.utils.choices import PositiveInt, check_value
+    from cspexp.utils.settings import EvalMode
+
+    mode = (cfg.get("evaluate") or {}).get("mode", "teacher_forced")
+    check_value(mode, EvalMode, "evaluate.mode")
+    if mode == "teacher_forced":
+        return None
+    tokens = (cfg.get("generate") or {}).get("max_new_tokens")
+    check_value(tokens, PositiveInt, "generate.max_new_tokens")
+    if (cfg.get("prune") or {}).get("query") == "seg_token":
+        raise ConfigError("prune.query=seg_token needs [SEG] in the prompt, and evaluate.mode=generate's prompt has "
+                          "none; use prune.query=seg, last or text_mean")
+    return int(tokens)
+
+
 def wants_dense(cfg: DictConfig, method) -> bool:
     """`compare_dense`: true, false, or auto — a single run of a pruning method also evaluates the
     dense model on the same samples (so its table shows the trade-off); a sweep has its own dense job."""
@@ -113,7 +134,8 @@ def run_test_loop(cfg: DictConfig, run: Run, method, data: EvalData, trainer,
                   features: FeatureCache | None = None) -> EvalOutcome | None:
     """One Lightning test loop of `method` over `data`. Under ``trainer=ddp`` every rank runs its
     slice; the merged outcome is returned on rank 0, None on the others."""
-    module = EvalModule(run.loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup, features=features)
+    module = EvalModule(run.loaded, method, build(cfg.metrics), warmup=cfg.latency.warmup, features=features,
+                        max_new_tokens=max_new_tokens(cfg))
     trainer.test(module, datamodule=data, verbose=False)
     return module.collect(trainer.strategy.root_device)
 
@@ -142,6 +164,7 @@ def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
     out_dir = Path(cfg.paths.output_dir)
     require_values(cfg)
+    generating = max_new_tokens(cfg) is not None
     main_process = process_rank() == 0
     if main_process:  # the other processes of trainer=ddp exist only once rank 0 has got past this
         # Resume: a job whose results.json holds this config is done (`force=true` runs it again).
@@ -163,7 +186,8 @@ def evaluate(cfg: DictConfig) -> dict:
     run = build_run(cfg, reuse_model=bool((cfg.get("cache") or {}).get("model", True)) and in_multirun())
     with_dense = wants_dense(cfg, run.method)
     # With the feature cache, batches come without preprocessed pixels: only a miss needs them.
-    collate = partial(run.loaded.processor.collate, pixels=cache_mode(cfg, with_dense) == "off")
+    # generation prompts end at "ASSISTANT:" (no answer)
+    collate = partial(run.loaded.processor.collate, pixels=cache_mode(cfg, with_dense) == "off", answer=not generating)
     data = EvalData(run.dataset, cfg.dataset.batch_size, cfg.dataset.num_workers, collate)
     # One W&B run (or CSV log) per evaluation: rank 0's (docs/pitfalls.md, "W&B: one run per evaluation").
     logger = build_logger(cfg) if main_process else None

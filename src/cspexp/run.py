@@ -87,6 +87,7 @@ def build_run(
     loaded, reused = load_model(cfg.model, vocabulary(built[vocabulary_from]), reuse=reuse_model)
     if method is None:
         method = bind_method(spec, loaded.shape)
+    method.check_model(loaded.model)  # what only the loaded model tells (tome: CLIP's depth), before any pass
     return Run(method=method, datasets=built, loaded=loaded, model_reused=reused)
 
 

@@ -107,7 +107,8 @@ class DiskStore:
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str, images: list[str], expected: dict[str, tuple[tuple, torch.dtype]]) -> Entry | None:
+    def get(self, key: str, images: list[str], expected: dict[str, tuple[tuple, torch.dtype]],
+            vision: dict | None = None) -> Entry | None:
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -117,12 +118,12 @@ class DiskStore:
             log.warning("feature cache: cannot read %s (%s); recomputing", path, exc.strerror or exc)
             return None
         try:
-            return self._decode(data, images, expected)
+            return self._decode(data, images, expected, vision)
         except Exception as exc:  # noqa: BLE001 — any damage to a shard means: recompute it
             log.warning("feature cache: %s is corrupt or stale (%s); recomputing", path, str(exc).splitlines()[0][:200])
             return None
 
-    def _decode(self, data: bytes, images: list[str], expected: dict) -> Entry:
+    def _decode(self, data: bytes, images: list[str], expected: dict, vision: dict | None = None) -> Entry:
         # safetensors' layout: 8 bytes of header length, the JSON header (its metadata included), data.
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
@@ -130,6 +131,8 @@ class DiskStore:
             raise ValueError(f"written for {meta.get('format')}/{meta.get('namespace')}")
         if json.loads(meta.get("images", "null")) != images:
             raise ValueError("its images are not this batch's")
+        if json.loads(meta.get("vision", "null")) != vision:
+            raise ValueError("its vision stage is another method's")
         tensors = load_safetensors(data)
         for name, (shape, dtype) in expected.items():
             t = tensors.get(name)
@@ -143,13 +146,15 @@ class DiskStore:
             raise ValueError("vision_ms has the wrong length")
         return Entry(VisionFeatures(**{k: tensors[k] for k in FIELDS if k in tensors}), vision_ms)
 
-    def put(self, key: str, images: list[str], idx: list, entry: Entry) -> int:
+    def put(self, key: str, images: list[str], idx: list, entry: Entry, vision: dict | None = None) -> int:
         """Write the shard; returns its size in bytes (0 when the disk refused: one warning, then the
-        store stops writing for this run)."""
+        store stops writing for this run). `vision`: the method's vision stage (`batch_key`), if not CLIP's own."""
         if not self.writable:
             return 0
         meta = {"format": keys.FORMAT, "namespace": self.namespace_digest, "images": json.dumps(images),
                 "idx": json.dumps(idx), "vision_ms": json.dumps(entry.vision_ms)}
+        if vision is not None:
+            meta["vision"] = json.dumps(vision, sort_keys=True)
         data = save_safetensors({k: v.contiguous() for k, v in entry.features.tensors().items()}, metadata=meta)
         try:
             if not (self.dir / "namespace.json").is_file():
@@ -192,6 +197,8 @@ class FeatureCache:
 
     `lookup` gives a batch's features from memory or disk (None: compute them, then `store`).
     Features come back on `device`, as copies: a pass may not change the cache by changing them.
+    Both take the pruning `method`: one that `changes_vision` (tome) has entries of its own, keyed by
+    its `vision_description()`; every other method shares the dense tower's.
     """
 
     def __init__(self, loaded, device: torch.device, max_memory_bytes: int, directory: Path | str | None) -> None:
@@ -203,7 +210,7 @@ class FeatureCache:
         self.disk = None if directory is None else DiskStore(Path(directory), self.namespace,
                                                              self.namespace_digest, loaded.name)
         self.stats = CacheStats()
-        self._expected_per_sample = self._expected_shapes(loaded.model)
+        self._expected_per_sample = self._expected_shapes(loaded.model)  # the dense tower's entries
 
     @property
     def mode(self) -> str:
@@ -222,20 +229,31 @@ class FeatureCache:
             "clip_keys": ((model.n_image_tokens, clip.hidden_size // clip.num_attention_heads), torch.float32),
         }
 
-    def _names(self, batch: dict) -> tuple[str, list[str]]:
-        images = [keys.image_digest(img) for img in batch["images"]]
-        return keys.batch_key(self.namespace_digest, images), images
+    def _expected(self, method) -> dict[str, tuple[tuple, torch.dtype]]:
+        """Per-sample shapes and dtypes of an entry: the dense tower's, or a merging method's (its n
+        tokens, their cells and sizes, each cell's token; no [CLS] attention or keys)."""
+        if _vision_of(method) is None:
+            return self._expected_per_sample
+        n, dense = method.count, self._expected_per_sample
+        return {"image_tokens": ((n, dense["image_tokens"][0][1]), dense["image_tokens"][1]),
+                "sam_embeddings": dense["sam_embeddings"], "image_grid": ((n,), torch.int64),
+                "image_size": ((n,), torch.float32), "image_source": ((self.model.n_image_tokens,), torch.int64)}
 
-    def lookup(self, batch: dict, count: bool = True) -> Lookup | None:
+    def _names(self, batch: dict, vision: dict | None = None) -> tuple[str, list[str]]:
+        images = [keys.image_digest(img) for img in batch["images"]]
+        return keys.batch_key(self.namespace_digest, images, vision), images
+
+    def lookup(self, batch: dict, count: bool = True, method=None) -> Lookup | None:
         """The batch's features if some store has them; `count=False` for passes outside the
         measurement (warm-up), which leave the statistics alone."""
-        key, images = self._names(batch)
+        vision = _vision_of(method)
+        key, images = self._names(batch, vision)
         source: Source = "memory"
         entry = self.memory.get(key)
         if entry is None and self.disk is not None:
             B = len(images)
-            expected = {k: ((B, *shape), dtype) for k, (shape, dtype) in self._expected_per_sample.items()}
-            entry = self.disk.get(key, images, expected)
+            expected = {k: ((B, *shape), dtype) for k, (shape, dtype) in self._expected(method).items()}
+            entry = self.disk.get(key, images, expected, vision)
             source = "disk"
             if entry is not None and count:  # a warm-up read leaves the stores as they were
                 self.memory.put(key, entry)
@@ -251,9 +269,10 @@ class FeatureCache:
         copies = VisionFeatures(**{k: v.to(self.device, copy=True) for k, v in entry.features.tensors().items()})
         return Lookup(copies, list(entry.vision_ms), source)
 
-    def store(self, batch: dict, features: VisionFeatures, vision_ms: list[float]) -> None:
+    def store(self, batch: dict, features: VisionFeatures, vision_ms: list[float], method=None) -> None:
         """Keep a batch's computed features (a miss): in memory, and on disk when the cache has a dir."""
-        key, images = self._names(batch)
+        vision = _vision_of(method)
+        key, images = self._names(batch, vision)
         entry = Entry(VisionFeatures(**{k: v.detach().to("cpu", copy=True) for k, v in features.tensors().items()}),
                       [float(x) for x in vision_ms])
         self.stats.misses += len(images)
@@ -261,7 +280,12 @@ class FeatureCache:
         self.memory.put(key, entry)
         if self.disk is not None:
             idx = [int(i) for i in batch["idx"]] if "idx" in batch else []
-            self.stats.bytes_written += self.disk.put(key, images, idx, entry)
+            self.stats.bytes_written += self.disk.put(key, images, idx, entry, vision)
+
+
+def _vision_of(method) -> dict | None:
+    """The vision stage `method` makes itself (`PruningMethod.vision_description`), None for CLIP's own."""
+    return method.vision_description() if method is not None and method.changes_vision else None
 
 
 FeaturesSetting = bool | Literal["auto"]

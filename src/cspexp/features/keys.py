@@ -102,6 +102,9 @@ def image_digest(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def batch_key(namespace_digest: str, images: list[str]) -> str:
-    """The entry name of a batch: its namespace and its images' digests, in order."""
-    return hashlib.blake2b(f"{namespace_digest}|{','.join(images)}".encode(), digest_size=16).hexdigest()
+def batch_key(namespace_digest: str, images: list[str], vision: dict | None = None) -> str:
+    """The entry name of a batch: its namespace and its images' digests, in order, and — for a pruning
+    method that changes the vision stage (tome) — that method's `vision_description()`, so the dense
+    tower and every such setting get entries of their own."""
+    name = f"{namespace_digest}|{','.join(images)}" + ("" if vision is None else f"|{digest_of(vision)}")
+    return hashlib.blake2b(name.encode(), digest_size=16).hexdigest()

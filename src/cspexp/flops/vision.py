@@ -15,6 +15,7 @@ and counts it as 0, which would hide the QKᵀ and A·V terms.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from transformers import CLIPVisionConfig
@@ -39,25 +40,63 @@ def clip_layers_run(num_layers: int, select_layer: int = -2) -> int:
     return select_layer % (num_layers + 1)
 
 
-def clip_vision_flops(config: CLIPVisionConfig, select_layer: int = -2) -> int:
+def clip_vision_flops(config: CLIPVisionConfig, select_layer: int = -2, merges: Sequence[int] = ()) -> int:
     """FLOPs of one image through a CLIP vision tower up to ``hidden_states[select_layer]``.
 
     LISA (like LLaVA) reads layer -2, so the last layer is not counted: a feature cache needs only the
     layers up to it (cspexp's `LisaModel` does run the whole tower, as transformers does: +1/24 at L/14).
     Per layer, T = patches + [CLS], width d, MLP width m: 4·T·d² (q, k, v, o) + 2·T²·d (QKᵀ, A·V) + 2·T·d·m.
+
+    `merges` (ToMe's schedule, `cspexp.pruning.methods.tome`): r_l tokens merged away after the attention
+    of layer l, so that layer's MLP runs on T_l − r_l tokens and the next layer starts with them. The
+    merging itself (similarities, weighted sums) is the method's overhead, not counted here.
     """
     h, w = _pair(config.image_size)
     p = _pair(config.patch_size)
     patches = (h // p[0]) * (w // p[1])
     d, m, tokens = config.hidden_size, config.intermediate_size, patches + 1
     embed = patches * d * config.num_channels * p[0] * p[1]  # patch conv, no bias
-    layer = 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m
-    return 2 * (embed + clip_layers_run(config.num_hidden_layers, select_layer) * layer)
+    run = clip_layers_run(config.num_hidden_layers, select_layer)
+    if len(merges) > run:
+        raise ValueError(f"{len(merges)} merge counts for a tower that runs {run} layers")
+    macs = embed
+    for r in [*merges, *[0] * (run - len(merges))]:
+        macs += 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * (tokens - r) * d * m
+        tokens -= r
+    return 2 * macs
 
 
 def projector_flops(in_dim: int, out_dim: int, n_tokens: int) -> int:
     """FLOPs of LISA v1's projector, one Linear(in_dim → out_dim) over the image tokens ([CLS] dropped)."""
     return 2 * n_tokens * in_dim * out_dim
+
+
+def lisa_vision_flops(model, method=None) -> dict[str, int]:
+    """Per-image FLOPs of what makes a `LisaModel`'s image tokens — the CLIP tower up to its feature
+    layer and the projector (one Linear) — under `method` (``vision``: ToMe's merges shorten both) and
+    dense (``vision_dense``). SAM's image encoder is the same for every method and is left out."""
+    from cspexp.models.clip_loop import ClipShape
+
+    config, select = model.vision_tower.config, model.vision_select_layer
+    n = model.n_image_tokens
+    out_dim = model.llm.config.hidden_size
+    dense = clip_vision_flops(config, select) + projector_flops(config.hidden_size, out_dim, n)
+    if method is None or not method.changes_vision:
+        return {"vision": dense, "vision_dense": dense}
+    merges = method.schedule(ClipShape.of(config, select))
+    n_out = n - sum(merges)
+    return {"vision": clip_vision_flops(config, select, merges) + projector_flops(config.hidden_size, out_dim, n_out),
+            "vision_dense": dense}
+
+
+def summarize_vision(rows: Sequence[dict]) -> dict | None:
+    """results.json's ``flops.vision``: mean FLOPs per sample of CLIP + projector under the method and
+    dense, and the reduction; None when no row has them (no sample, or records from before the field)."""
+    if not rows or any("flops_vision" not in r for r in rows):
+        return None
+    method = sum(r["flops_vision"] for r in rows) / len(rows)
+    dense = sum(r["flops_vision_dense"] for r in rows) / len(rows)
+    return {"method": method, "dense": dense, "reduction": 1.0 - method / dense}
 
 
 # ---------------------------------------------------------------- SAM image encoder

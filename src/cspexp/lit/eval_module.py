@@ -14,10 +14,12 @@ import torch
 
 from cspexp.features.cache import CacheStats, FeatureCache
 from cspexp.features.vision import encode_vision
-from cspexp.flops.analytic import LlmDims, sample_flops
+from cspexp.flops.analytic import LlmDims, decode_flops, sample_flops
+from cspexp.flops.vision import lisa_vision_flops
 from cspexp.lit.distributed import gather_to_rank_zero
 from cspexp.metrics.seg_iou import SegIoU, intersection_and_union, sample_iou
 from cspexp.models.base import LoadedModel
+from cspexp.pruning.generate import generate
 from cspexp.pruning.methods.base import PruningMethod
 from cspexp.pruning.pipeline import segment
 from cspexp.utils.timing import Stopwatch, peak_memory_mb, reset_peak_memory
@@ -53,10 +55,16 @@ class EvalModule(L.LightningModule):
     ``vision`` time is the one measured when its features were computed (possibly by an earlier job),
     and ``end_to_end`` is the sum of ``vision``, ``llm_prefill`` and ``mask_decoder``. Without a
     cache ``end_to_end`` is measured around the whole pass.
+
+    ``max_new_tokens`` set: ``evaluate.mode=generate`` — each batch (generation prompts) goes through
+    `cspexp.pruning.generate.generate` instead of `segment`, the first generated [SEG]'s mask is
+    scored (an empty mask when none was generated), latency gains ``decode`` (between the prefill
+    and the mask decoder) and the records the generated ids and text, the [SEG] count, the KV-cache
+    sizes and the decode FLOPs.
     """
 
     def __init__(self, loaded: LoadedModel, method: PruningMethod, metric: SegIoU | None = None,
-                 warmup: int = 1, features: FeatureCache | None = None) -> None:
+                 warmup: int = 1, features: FeatureCache | None = None, max_new_tokens: int | None = None) -> None:
         super().__init__()
         self.model = loaded.model
         self.dims = LlmDims.from_config(loaded.model.llm.config)
@@ -68,6 +76,11 @@ class EvalModule(L.LightningModule):
         self.features = features
         self.processor = loaded.processor  # pixels for a batch collated without them (pixels=False)
         self.vision_passes = 0
+        self.max_new_tokens = max_new_tokens  # None: teacher-forced (segment); an int: generation
+        self.stages = ("vision", "llm_prefill", "mask_decoder") if max_new_tokens is None else \
+            ("vision", "llm_prefill", "decode", "mask_decoder")
+        # CLIP and the projector per image, under this method and dense: the same for every sample
+        self.vision_flops = lisa_vision_flops(loaded.model, method)
 
     def on_test_epoch_start(self) -> None:
         # Fresh states every epoch: under ddp_spawn on CPU the pickled states are shared otherwise
@@ -83,17 +96,17 @@ class EvalModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if not self._warm:
             # Untimed passes first: the first call pays for allocator growth, kernel selection, lazy init.
-            cached = self.features.lookup(batch, count=False) if self.features is not None else None
+            cached = self.features.lookup(batch, count=False, method=self.method) if self.features is not None else None
             for _ in range(self.warmup):
                 if cached is None:
                     batch = self.processor.add_pixels(batch)
-                segment(self.model, batch, self.method, features=None if cached is None else cached.features)
+                self._pass(batch, features=None if cached is None else cached.features)
                 self.vision_passes += 0 if cached is not None else len(batch["idx"])
             self._warm = True
-        out, latency, source = self._timed_pass(batch)
-        self.vision_passes += len(out.masks) if source == "computed" else 0
+        out, masks, latency, source = self._timed_pass(batch)
+        self.vision_passes += len(masks) if source == "computed" else 0
         counts = [intersection_and_union(p, g.to(p.device), self.metric.ignore_index)
-                  for p, g in zip(out.masks, batch["gt_masks"], strict=True)]
+                  for p, g in zip(masks, batch["gt_masks"], strict=True)]
         self.metric.update_counts(counts)  # the same numbers the per-sample records keep
         trace = out.trace
         for i, (inter, union) in enumerate(counts):
@@ -113,41 +126,70 @@ class EvalModule(L.LightningModule):
                     "latency_ms": latency[i],
                     "features": source,  # where the vision stage came from: computed, memory or disk
                     **{f"flops_{k}": v for k, v in flops.items()},  # llm, llm_dense, image, image_dense, overhead
+                    **{f"flops_{k}": v for k, v in self.vision_flops.items()},  # vision, vision_dense
+                    **(self._generated(out.samples[i], tokens_per_layer) if self.max_new_tokens is not None else {}),
                 }
             )
 
+    def _pass(self, batch: dict, stopwatch=None, features=None):
+        """One pass of the mode: (its output, the predicted mask [H, W] of each sample)."""
+        if self.max_new_tokens is None:
+            out = segment(self.model, batch, self.method, stopwatch=stopwatch, features=features)
+            return out, out.masks
+        tokenizer = self.processor.tokenizer
+        out = generate(self.model, batch, self.method, max_new_tokens=self.max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, stopwatch=stopwatch, features=features, tokenizer=tokenizer)
+        return out, [s.mask for s in out.samples]  # the first [SEG]'s mask; an empty one without [SEG]
+
+    def _generated(self, sample, tokens_per_layer: list[int]) -> dict:
+        """A generated sample's own fields of its record (docs/outputs.md, "samples.jsonl")."""
+        vocab = self.model.llm.config.vocab_size
+        dense_prompt = [c - sample.fed_tokens for c in sample.cached_tokens_dense]
+        return {
+            "generated_ids": sample.ids,
+            "generated_text": sample.text,
+            "n_seg": sample.n_seg,
+            "finished": sample.finished,
+            "decode_tokens": sample.decode_tokens,
+            "kv_cache_mb": sample.kv_cache_mb,
+            "kv_cache_dense_mb": sample.kv_cache_dense_mb,
+            "flops_decode": decode_flops(tokens_per_layer, sample.fed_tokens, self.dims, vocab),
+            "flops_decode_dense": decode_flops(dense_prompt, sample.fed_tokens, self.dims, vocab),
+        }
+
     def _timed_pass(self, batch: dict):
-        """One timed pass; returns (output, per-sample latency dicts, where the features came from)."""
+        """One timed pass; returns (output, predicted masks, per-sample latency dicts, where the
+        features came from)."""
         B = len(batch["idx"])
         watch = Stopwatch(self.device)
         if self.features is None:
             batch = self.processor.add_pixels(batch)
             with watch.section("end_to_end"):
-                out = segment(self.model, batch, self.method, stopwatch=watch)
+                out, masks = self._pass(batch, stopwatch=watch)
             ms = {k: v / B for k, v in watch.collect().items()}  # a batch's time, shared by its samples
-            stages = {k: ms[k] for k in ("vision", "llm_prefill", "mask_decoder", "end_to_end")}
-            return out, [dict(stages) for _ in range(B)], "computed"
-        cached = self.features.lookup(batch)
+            stages = {k: ms[k] for k in (*self.stages, "end_to_end")}
+            return out, masks, [dict(stages) for _ in range(B)], "computed"
+        cached = self.features.lookup(batch, method=self.method)
         if cached is None:
             batch = self.processor.add_pixels(batch)  # preprocessing stays outside the timed stages, as without a cache
             with watch.section("vision"):
                 # [CLS] attention and CLIP keys always: the entry then serves every method of the sweep
-                features = encode_vision(self.model, batch, cls_attention=True, clip_keys=True)
+                features = encode_vision(self.model, batch, cls_attention=True, clip_keys=True, method=self.method)
         else:
             features = cached.features
-        out = segment(self.model, batch, self.method, stopwatch=watch, features=features)
+        out, masks = self._pass(batch, stopwatch=watch, features=features)
         ms = {k: v / B for k, v in watch.collect().items()}
         if cached is None:
             vision_ms = [ms["vision"]] * B
-            self.features.store(batch, features, vision_ms)
+            self.features.store(batch, features, vision_ms, method=self.method)
             source = "computed"
         else:
             vision_ms, source = cached.vision_ms, cached.source
         latency = []
         for v in vision_ms:
-            stages = {"vision": v, "llm_prefill": ms["llm_prefill"], "mask_decoder": ms["mask_decoder"]}
+            stages = {"vision": v, **{k: ms[k] for k in self.stages if k != "vision"}}
             latency.append({**stages, "end_to_end": sum(stages.values())})
-        return out, latency, source
+        return out, masks, latency, source
 
     def on_test_epoch_end(self) -> None:
         # No metric sync here: a collective inside the loop hangs if one rank's loop is cut short.

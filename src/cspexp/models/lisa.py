@@ -182,12 +182,7 @@ class LisaModel(nn.Module):
         """
         out = self.vision_tower(pixel_values=clip_pixels.to(self.vision_tower.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.vision_select_layer][:, 1:]  # drop CLS: [B, N, d_vis]
-        tokens = self.mm_projector(feats)
-        if self.image_norm == "rms":
-            tokens = F.rms_norm(tokens, (tokens.shape[-1],))
-        if self.image_position == "sincos":
-            rows, cols = self.grid_size
-            tokens = tokens + grid_sincos(rows, cols, tokens.shape[-1]).to(tokens.device, tokens.dtype)
+        tokens = self.project_image(feats)
         cls_attn = keys = None
         # hidden_states[k] is the output of encoder layer k-1 (hidden_states[0] = embeddings).
         n_layers = len(out.hidden_states) - 1
@@ -198,6 +193,26 @@ class LisaModel(nn.Module):
             keys = clip_patch_keys(self.vision_tower.encoder.layers[s - 1], out.hidden_states[s - 1])
             return tokens, cls_attn, keys
         return tokens, cls_attn
+
+    def project_image(self, feats: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP patch features [B, n, d_vis] → the LLM's image tokens [B, n, d_llm]: the projector, then
+        `image_norm` and `image_position`. `source` [B, N] (optional) says which of the n tokens holds
+        each grid cell, for tokens that merged several cells (tome): each then gets the mean position
+        code of its cells, as merging the tokens after adding the codes would give; None: token k is cell k."""
+        tokens = self.mm_projector(feats)
+        if self.image_norm == "rms":
+            tokens = F.rms_norm(tokens, (tokens.shape[-1],))
+        if self.image_position == "sincos":
+            rows, cols = self.grid_size
+            code = grid_sincos(rows, cols, tokens.shape[-1]).to(tokens.device, tokens.dtype)
+            if source is not None:
+                # the mean over the cells each token holds, by scatter-adds (no matmul: no FLOPs to count)
+                per_cell = code.expand(*source.shape, -1)  # [B, N, d]
+                summed = torch.zeros_like(tokens).scatter_add_(1, source[..., None].expand_as(per_cell), per_cell)
+                held = torch.zeros_like(tokens[..., 0]).scatter_add_(1, source, torch.ones_like(per_cell[..., 0]))
+                code = summed / held[..., None]
+            tokens = tokens + code
+        return tokens
 
     # ------------------------------------------------------------------ prompt
     def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> PromptEmbeds:
@@ -210,8 +225,6 @@ class LisaModel(nn.Module):
         is_img = input_ids == self.image_token_id
         if not torch.all(is_img.sum(1) == 1):
             raise ValueError("every prompt must contain exactly one <image> placeholder")
-        if not torch.all((input_ids == self.seg_token_id).any(1)):
-            raise ValueError("every prompt must contain the [SEG] token (teacher-forced answer)")
         img_at = is_img.float().argmax(1)  # [B]
         safe_ids = input_ids.masked_fill(is_img, 0)
         text_embeds = self.decoder.embed_tokens(safe_ids)  # [B, L, d]
@@ -232,9 +245,14 @@ class LisaModel(nn.Module):
         kind = kind.masked_fill(col < start, SYSTEM).masked_fill(in_img, IMAGE).masked_fill(~valid, PAD)
         grid = torch.where(in_img, img_idx, torch.full_like(img_idx, -1))
 
-        seg_col_text = (input_ids == self.seg_token_id).float().argmax(1)  # first [SEG] in the text row
+        has_seg = (input_ids == self.seg_token_id).any(1)
+        # first [SEG] in the text row; a generation prompt (no answer, ends at "ASSISTANT:") has none:
+        # its answer would start right after the last real token (right padding)
+        seg_col_text = torch.where(has_seg, (input_ids == self.seg_token_id).float().argmax(1), attention_mask.sum(1))
         seg_col = seg_col_text + N - 1
         query_pos = seg_col - 1 if self.seg_query == "before" else seg_col
+        # without [SEG] the query is the last prompt token, whose state emits the first answer token
+        query_pos = torch.where(has_seg, query_pos, seg_col - 1)
         return PromptEmbeds(embeds=embeds, pos=col.clone(), kind=kind, grid=grid, query_pos=query_pos, seg_pos=seg_col)
 
     # ------------------------------------------------------------------ SAM

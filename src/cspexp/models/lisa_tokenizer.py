@@ -216,6 +216,24 @@ class LisaTokenizer:
         by_id = {i: t for t, i in self.added_tokens.items()}
         return [lisa_prompt.IMAGE_TOKEN if i == IMAGE_TOKEN_INDEX else by_id.get(i) or self.pieces.id_to_piece(i) for i in ids]
 
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """`ids` as text, for display (generated answers): each run of pieces joined as sentencepiece
+        does (``▁`` → space), added and special tokens (``[SEG]``, ``</s>``) kept verbatim unless
+        `skip_special_tokens`, parts set apart by one space (4.31's slow decode with its default
+        ``spaces_between_special_tokens``; the spacing next to a special token may differ from it)."""
+        specials = {t.content for t in self.specials.values()} | set(self.added_tokens) | {lisa_prompt.IMAGE_TOKEN}
+        parts, run = [], []
+        for token in self.convert_ids_to_tokens([int(i) for i in ids]):
+            if token in specials:
+                parts.append("".join(run).replace(SPIECE_UNDERLINE, " ").strip())
+                run = []
+                if not skip_special_tokens:
+                    parts.append(token)
+            else:
+                run.append(token)
+        parts.append("".join(run).replace(SPIECE_UNDERLINE, " ").strip())
+        return " ".join(p for p in parts if p)
+
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str) -> list[str]:
         """The token strings of `text` (4.31 ``LlamaTokenizer.tokenize``)."""

@@ -98,15 +98,17 @@ class LisaProcessor:
         self.seg_token_id = self.tokenizer.convert_tokens_to_ids(lisa_prompt.SEG_TOKEN)
         self.pad_token_id = self.tokenizer.pad_token_id
 
-    def encode_prompt(self, query: str, is_sentence: bool) -> list[int]:
-        """Token ids of LISA's evaluation prompt (one ``<image>`` placeholder, answer ``[SEG].``)."""
-        return encode_lisa_prompt(self.tokenizer, self.tokenizer_kind, query, is_sentence)
+    def encode_prompt(self, query: str, is_sentence: bool, answer: bool = True) -> list[int]:
+        """Token ids of LISA's evaluation prompt (one ``<image>`` placeholder, answer ``[SEG].``);
+        ``answer=False``: the generation prompt, ending at ``ASSISTANT:`` (LISA's chat.py)."""
+        return encode_lisa_prompt(self.tokenizer, self.tokenizer_kind, query, is_sentence, answer=answer)
 
-    def collate(self, items: Sequence[dict], pixels: bool = True) -> dict:
+    def collate(self, items: Sequence[dict], pixels: bool = True, answer: bool = True) -> dict:
         """A batch of `items`. ``pixels=False`` leaves out the two preprocessed images (``clip_pixels``,
         ``sam_pixels``) for a caller that may not need them — the feature cache computes them only for
-        a batch it does not hold (`add_pixels`)."""
-        ids = [self.encode_prompt(it["query"], bool(it.get("is_sentence", False))) for it in items]
+        a batch it does not hold (`add_pixels`). ``answer=False`` builds generation prompts (no
+        ``[SEG].</s>``; for `cspexp.pruning.generate.generate`)."""
+        ids = [self.encode_prompt(it["query"], bool(it.get("is_sentence", False)), answer=answer) for it in items]
         length = max(len(x) for x in ids)
         input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cspexp.outputs.files import write_bytes_atomic
-from cspexp.outputs.results import HASHED_SECTIONS, config_hash, objective
+from cspexp.outputs.results import config_hash, hashed_sections, objective
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ COPIED = ("samples.jsonl", "flops_breakdown.json", "flops_breakdown.md", "viz")
 def point_identity(cfg: DictConfig, method_info: dict, dense_reference: bool) -> str:
     """16 hex digits naming the effective configuration (see the module docstring)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    picked = {k: container.get(k) for k in (*HASHED_SECTIONS, *EXTRA_SECTIONS) if k != "prune"}
+    picked = {k: container.get(k) for k in (*hashed_sections(container), *EXTRA_SECTIONS) if k != "prune"}
     picked["prune"] = method_info
     picked["dense_reference"] = dense_reference
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]

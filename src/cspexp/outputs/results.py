@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cspexp.flops.analytic import summarize as summarize_flops
+from cspexp.flops.vision import summarize_vision
 
 SCHEMA = 1
 # Config sections that decide a run's numbers; the hash over them identifies a Pareto point
@@ -29,9 +30,21 @@ HASHED_SECTIONS = ("model", "prune", "dataset", "metrics", "seed")
 VERSIONED_PACKAGES = ("cspexp", "torch", "transformers", "lightning", "hydra-core", "torchmetrics", "wandb")
 
 
+# Sections that decide a run's numbers only in generation (`evaluate.mode=generate`): hashed then, so
+# a teacher-forced run keeps the hash it always had and a generation run never resumes from one.
+GENERATE_SECTIONS = ("evaluate", "generate")
+
+
+def hashed_sections(container: dict) -> tuple[str, ...]:
+    """The config sections that identify a run's numbers (`HASHED_SECTIONS`, plus `GENERATE_SECTIONS`
+    when it generates)."""
+    generating = ((container.get("evaluate") or {}).get("mode") or "teacher_forced") != "teacher_forced"
+    return (*HASHED_SECTIONS, *GENERATE_SECTIONS) if generating else HASHED_SECTIONS
+
+
 def config_hash(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
-    picked = {k: container.get(k) for k in HASHED_SECTIONS}
+    picked = {k: container.get(k) for k in hashed_sections(container)}
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -90,10 +103,43 @@ LATENCY_KEYS = ("vision", "llm_prefill", "mask_decoder", "end_to_end")
 
 
 def mean_latency(records: list[dict]) -> dict:
-    """Mean milliseconds per sample of each stage (`LATENCY_KEYS`) and of the whole pass."""
+    """Mean milliseconds per sample of each stage (`LATENCY_KEYS`, and ``decode`` when the records
+    generated) and of the whole pass."""
     if not records:
         return dict.fromkeys(LATENCY_KEYS)
-    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in LATENCY_KEYS}
+    keys = (*LATENCY_KEYS, "decode") if all("decode" in r["latency_ms"] for r in records) else LATENCY_KEYS
+    return {k: sum(r["latency_ms"][k] for r in records) / len(records) for k in keys}
+
+
+def generation_summary(records: list[dict]) -> dict | None:
+    """results.json → ``generate``: what the samples' generations add up to (docs/outputs.md); None
+    for teacher-forced records. Decode throughput is Σ decoded tokens / Σ decode time (a sample's
+    decode time is its batch's divided by the batch size, so this is the batches' throughput)."""
+    if not records or not all("generated_ids" in r for r in records):
+        return None
+    n = len(records)
+
+    def mean(key):  # over the samples that have a value (a sample that decoded nothing has no decode FLOPs)
+        values = [r[key] for r in records if r[key] is not None]
+        return sum(values) / len(values) if values else None
+
+    decode_s = sum(r["latency_ms"]["decode"] for r in records) / 1000.0
+    decode_tokens = sum(r["decode_tokens"] for r in records)
+    kv, kv_dense = mean("kv_cache_mb"), mean("kv_cache_dense_mb")
+    return {
+        "generated_tokens": sum(len(r["generated_ids"]) for r in records) / n,
+        "decode_tokens": decode_tokens,
+        "seg_per_sample": sum(r["n_seg"] for r in records) / n,
+        "with_seg": sum(r["n_seg"] > 0 for r in records) / n,
+        "finished": sum(bool(r["finished"]) for r in records) / n,
+        "kv_cache_mb": kv,
+        "kv_cache_mb_dense": kv_dense,
+        "kv_cache_reduction": 1.0 - kv / kv_dense if kv_dense else None,
+        "decode_ms": decode_s * 1000.0 / n,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else None,
+        "flops_decode_per_token": mean("flops_decode"),
+        "flops_decode_per_token_dense": mean("flops_decode_dense"),
+    }
 
 
 def metrics_by_kind(records: list[dict], metric_factory) -> dict:
@@ -113,10 +159,12 @@ def measure(records: list[dict], metrics: dict, num_layers: int) -> dict:
     per_layer = mean_image_per_layer(records, num_layers)
     return {
         "metrics": {"giou": metrics["giou"], "ciou": metrics["ciou"]},
-        "flops": summarize_flops([{k: r[f"flops_{k}"] for k in FLOPS_KEYS} for r in records]),
+        "flops": {**summarize_flops([{k: r[f"flops_{k}"] for k in FLOPS_KEYS} for r in records]),
+                  "vision": summarize_vision(records)},  # CLIP + projector: only a method inside CLIP changes it
         "image_per_layer": per_layer,
         "avg_image_per_layer": sum(per_layer) / num_layers if per_layer else None,
         "latency_ms": mean_latency(records),
+        "generate": generation_summary(records),
     }
 
 
@@ -152,9 +200,13 @@ def build_results(*, cfg: DictConfig, method_info: dict, model_name: str, model_
         "n_samples": len(records),
         "sample_set": sample_set(OmegaConf.to_container(cfg.dataset, resolve=True),
                                  [r["idx"] for r in records]),  # which samples: runs to compare share it
+        # teacher_forced (LISA's validation pass) or generate (its chat path: the first generated [SEG]'s mask)
+        "evaluate_mode": (cfg.get("evaluate") or {}).get("mode", "teacher_forced"),
         "metrics": measured["metrics"],
         "metrics_by_kind": metrics_by_kind(records, metric_factory),
-        "flops": measured["flops"],
+        "flops": measured["flops"],  # the prefill's; decode FLOPs per token are in `generate`
+        "generate": None if measured["generate"] is None else {
+            "max_new_tokens": (cfg.get("generate") or {}).get("max_new_tokens"), **measured["generate"]},
         "tokens": {
             "n_image": model_dims["n_image_tokens"],
             "num_layers": num_layers,
@@ -171,7 +223,8 @@ def build_results(*, cfg: DictConfig, method_info: dict, model_name: str, model_
         "repeat_of": None,
         "memory_mb": outcome.memory_mb,
         "model_dims": {k: model_dims[k] for k in ("hidden_size", "intermediate_size", "num_layers")},
-        "dense": None if dense is None else {k: dense[k] for k in ("metrics", "flops", "avg_image_per_layer", "latency_ms")},
+        "dense": None if dense is None else {k: dense.get(k) for k in ("metrics", "flops", "avg_image_per_layer",
+                                                                       "latency_ms", "generate")},
         "skipped": skipped,  # samples dataset.on_error=skip left out: n_samples counts only what was evaluated
         "distributed": {
             "world_size": len(outcome.samples_per_rank),
@@ -208,6 +261,9 @@ SUMMARY_FIELDS = {
     "dataset_name": "dataset.name",
     "dataset_split": "dataset.split",
     "sample_set": "sample_set",
+    "evaluate_mode": "evaluate_mode",
+    "decode_tokens_per_s": "generate.decode_tokens_per_s",
+    "kv_cache_mb": "generate.kv_cache_mb",
 }
 
 

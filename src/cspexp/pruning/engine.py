@@ -23,8 +23,10 @@ With nothing dropped the loop reproduces `LlamaModel.forward` (tested to 1e-5 in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -259,6 +261,20 @@ class Observer:
         pass
 
 
+@lru_cache(maxsize=None)
+def _cache_keyword(layer_type: type) -> str:
+    params = inspect.signature(layer_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(layer) -> str:
+    """The keyword under which a transformers decoder layer takes its KV cache: ``cache`` in
+    transformers ≥ 5.2x, ``past_key_values`` before (the old name is deprecated there and warns), so
+    one call works on every transformers 5 (docs/pitfalls.md, "transformers: the decoder layer's cache
+    keyword")."""
+    return _cache_keyword(type(layer))
+
+
 class DecoderLoop:
     """Runs a LlamaModel's decoder layers one by one, letting a pruning method act before each
     layer and observers watch after it."""
@@ -272,10 +288,17 @@ class DecoderLoop:
     def num_layers(self) -> int:
         return len(self.model.layers)
 
-    def run(self, state: TokenState, method, ctx, observers: Sequence[Observer] = ()) -> TokenState:
+    def run(self, state: TokenState, method, ctx, observers: Sequence[Observer] = (), cache=None) -> TokenState:
         """Run every layer, then the final RMSNorm; `state.hidden` ends as the model's last hidden state.
-        `observers` (see `Observer`) are called after the method, in order."""
+        `observers` (see `Observer`) are called after the method, in order.
+
+        `cache` (optional): a transformers `Cache` (`DynamicCache`) that each layer fills through its
+        own cache support with the keys and values of the tokens it ran — exactly the tokens present
+        at that layer, padding columns included, RoPE applied at `rope_pos` — so layers hold different
+        lengths when the method removed or restored tokens (generation, `cspexp.pruning.generate`).
+        Without it the layers are called as they always were."""
         view = StateView(state)
+        caching = {} if cache is None else {cache_keyword(self.model.layers[0]): cache, "use_cache": True}
         method.setup(state, ctx)
         for observer in observers:
             observer.on_setup(view, ctx)
@@ -295,6 +318,7 @@ class DecoderLoop:
                 attention_mask=mask,
                 position_ids=state.rope_pos,
                 position_embeddings=position_embeddings,
+                **caching,
             )
         state.hidden = self.model.norm(state.hidden)
         for observer in observers:

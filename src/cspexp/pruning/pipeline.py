@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cspexp.features.vision import VisionFeatures, encode_vision
+from cspexp.features.vision import MERGED_FIELDS, VisionFeatures, encode_vision
+from cspexp.models.clip_loop import ClipShape
 from cspexp.models.lisa import LisaModel
 from cspexp.pruning.engine import DecoderLoop, Observer, TokenState, Trace
 from cspexp.pruning.methods.base import PruningContext, PruningMethod
@@ -31,16 +32,28 @@ class SegmentOutput:
 
 
 def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None,
-            observers: Sequence[Observer] = (), features: VisionFeatures | None = None) -> tuple[TokenState, torch.Tensor]:
+            observers: Sequence[Observer] = (), features: VisionFeatures | None = None,
+            cache=None) -> tuple[TokenState, torch.Tensor]:
     """Vision tower → splice → pruned decoder loop. Returns the final state and the query states [B, d].
 
     `features` (optional): the batch's vision stage computed beforehand (`cspexp.features`); without
     it the CLIP tower runs here. `stopwatch` (optional) times the sections ``vision`` (when it runs
     here) and ``llm_prefill`` (the splice and the decoder loop). `observers` watch the decoder loop
-    (see `cspexp.pruning.engine.Observer`)."""
+    (see `cspexp.pruning.engine.Observer`). `cache` (optional): a transformers KV cache each layer
+    fills with the tokens it ran (`DecoderLoop.run`; generation)."""
     stopwatch = stopwatch or NullStopwatch()
-    if features is not None:
+    merged = {}  # a vision stage that merged cells into fewer tokens (tome): each token's cell, each cell's token
+    if features is None and method.changes_vision:  # the method makes its image tokens itself
+        with stopwatch.section("vision"):
+            image_tokens, merged = method.encode_image(model, batch["clip_pixels"])
+        cls_attn = clip_keys = None
+    elif features is not None:
         image_tokens, cls_attn, clip_keys = features.image_tokens, features.cls_attention, features.clip_keys
+        merged = {k: getattr(features, k) for k in MERGED_FIELDS if getattr(features, k) is not None}
+        if method.changes_vision != bool(merged):  # features of another vision stage than this method's
+            made = "merged inside CLIP" if merged else "the dense tower's"
+            raise RuntimeError(f"the given features are {made}, not prune={method.name}'s vision stage; compute "
+                               "them with encode_vision(..., method=method)")
         if method.needs_cls_attention and cls_attn is None:
             raise RuntimeError("the method needs CLIP's [CLS] attention and the given features have none")
         if method.needs_clip_keys and clip_keys is None:
@@ -52,13 +65,21 @@ def run_llm(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None
                                                                output_keys=method.needs_clip_keys)
         clip_keys = keys[0] if keys else None
     with stopwatch.section("llm_prefill"):
-        state = _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys)
+        state = _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys, cache=cache,
+                         image_grid=merged.get("image_grid"), image_source=merged.get("image_source"))
     cols = state.columns_of(state.query_pos)
     query_hidden = state.hidden[torch.arange(state.batch_size, device=cols.device), cols]
     return state, query_hidden
 
 
-def _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys=None) -> TokenState:
+def _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys=None, cache=None,
+             image_grid=None, image_source=None) -> TokenState:
+    if image_grid is not None:
+        # A vision stage that merged cells (tome): each token goes on its cell of the full grid, so it has
+        # that cell's position and grid index; the method's setup removes the empty cells before layer 0.
+        B, n, d = image_tokens.shape
+        image_tokens = image_tokens.new_zeros(B, model.n_image_tokens, d).scatter_(
+            1, image_grid[..., None].expand(B, n, d).to(image_tokens.device), image_tokens)
     prompt = model.splice(batch["input_ids"], batch["attention_mask"], image_tokens)
     loop = DecoderLoop(model.decoder)
     state = TokenState.from_prompt(prompt, loop.num_layers)
@@ -69,10 +90,13 @@ def _prefill(model, batch, method, image_tokens, cls_attn, observers, clip_keys=
         grid_size=model.grid_size,
         cls_attention=cls_attn,
         clip_keys=clip_keys,
+        image_grid=image_grid,
+        image_source=image_source,
+        clip_shape=ClipShape.of(model.vision_tower.config, model.vision_select_layer),
         images=batch.get("images"),
         sample_ids=batch["idx"].tolist() if "idx" in batch else None,
     )
-    return loop.run(state, method, ctx, observers)
+    return loop.run(state, method, ctx, observers, cache=cache)
 
 
 def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None,
@@ -87,7 +111,7 @@ def segment(model: LisaModel, batch: dict, method: PruningMethod, stopwatch=None
     if features is None:
         with stopwatch.section("vision"):
             features = encode_vision(model, batch, cls_attention=method.needs_cls_attention,
-                                     clip_keys=method.needs_clip_keys)
+                                     clip_keys=method.needs_clip_keys, method=method)
     state, query_hidden = run_llm(model, batch, method, stopwatch, observers, features=features)
     with stopwatch.section("mask_decoder"):
         seg_embeds = model.seg_embedding(query_hidden)

@@ -121,7 +121,6 @@ def render_sample(item: dict, pred: torch.Tensor, per_layer: list[list[int]], gr
     rows, cols = grid
     n_tokens = rows * cols
     h, w = image.shape[:2]
-    top, left, side = _clip_crop(h, w)
 
     n_panels = 1 + len(runs)
     fig, axes = plt.subplots(1, n_panels, figsize=(3.1 * n_panels, 3.7), squeeze=False)
@@ -135,26 +134,62 @@ def render_sample(item: dict, pred: torch.Tensor, per_layer: list[list[int]], gr
     ax.contour((gt == 1) & valid, levels=[0.5], colors=["lime"], linewidths=1.8)
     ax.set_title(f"idx {item['idx']} · IoU {iou:.2f}\nred: predicted, green: ground truth", fontsize=8.5)
     for ax, (layer0, layer1, cells) in zip(axes[1:], runs):
-        ax.imshow(image)
         merged = merges[layer0] if merges else {}
-        shade, outlines = stage_overlay(n_tokens, cells, merged)
-        cell_w = side / cols
-        for target, colour in outlines:
-            r, c = divmod(target, cols)
-            ax.add_patch(plt.Rectangle((left + c * cell_w, top + r * cell_w), cell_w, cell_w, fill=False,
-                                       edgecolor=colour, linewidth=1.4))
-        ax.imshow(shade.reshape(rows, cols, 4), extent=(left, left + side, top + side, top), interpolation="nearest")
-        layers = f"layer {layer0}" if layer0 == layer1 else f"layers {layer0}–{layer1}"
-        title = f"{layers}\n{len(cells)}/{n_tokens} image tokens kept"
-        if merged:
-            title += f", {len(merged)} merged ({sum(map(len, merged.values()))} cells in)"
-        ax.set_title(title, fontsize=8.5)
+        draw_stage(ax, image, cells, merged, grid)
+        ax.set_title(stage_title(layer0, layer1, cells, merged, n_tokens), fontsize=8.5)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     query = textwrap.shorten(str(item.get("query", "")), width=110)
     fig.suptitle(f"{method_name} · “{query}”", fontsize=9.5)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return png_bytes(fig)
+
+
+def draw_stage(ax, image: np.ndarray, cells: list[int], merged: dict[int, list[int]], grid: tuple[int, int]) -> None:
+    """One stage's panel on `ax`: `image` with the token grid laid over CLIP's centre crop, the cells
+    not in `cells` darkened and the merged tokens' cells tinted and outlined (`stage_overlay`)."""
+    rows, cols = grid
+    top, left, side = _clip_crop(*image.shape[:2])
+    ax.imshow(image)
+    shade, outlines = stage_overlay(rows * cols, cells, merged)
+    cell_w = side / cols
+    for target, colour in outlines:
+        r, c = divmod(target, cols)
+        ax.add_patch(plt.Rectangle((left + c * cell_w, top + r * cell_w), cell_w, cell_w, fill=False,
+                                   edgecolor=colour, linewidth=1.4))
+    ax.imshow(shade.reshape(rows, cols, 4), extent=(left, left + side, top + side, top), interpolation="nearest")
+
+
+def stage_title(layer0: int, layer1: int, cells: list[int], merged: dict[int, list[int]], n_tokens: int) -> str:
+    layers = f"layer {layer0}" if layer0 == layer1 else f"layers {layer0}–{layer1}"
+    title = f"{layers}\n{len(cells)}/{n_tokens} image tokens kept"
+    if merged:
+        title += f", {len(merged)} merged ({sum(map(len, merged.values()))} cells in)"
+    return title
+
+
+def render_stages(image: np.ndarray, runs: list[tuple[int, int, list[int]]], grid: tuple[int, int],
+                  merges: list[dict[int, list[int]]] | None = None, title: str | None = None) -> bytes:
+    """PNG bytes of the kept-token maps of one sample's pass: one panel per stage of `runs` (`stages`
+    of its per-layer cells), side by side; `merges[l]` as in `render_sample`. Predict writes each
+    stage alone, the demo all of them."""
+    n_tokens = grid[0] * grid[1]
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.1 * len(runs), 3.7 if title else 3.4), squeeze=False)
+    for ax, (layer0, layer1, cells) in zip(axes[0], runs):
+        merged = merges[layer0] if merges else {}
+        draw_stage(ax, image, cells, merged, grid)
+        ax.set_title(stage_title(layer0, layer1, cells, merged, n_tokens), fontsize=8.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.93) if title else None)
+    return png_bytes(fig)
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (110 dpi), and closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -37,6 +37,19 @@ class Cache(TypedDict):
     points: bool
 
 
+#: `evaluate.mode`: LISA's teacher-forced validation pass, or its chat path (generation with a pruned
+#: KV cache, `cspexp.pruning.generate`).
+EvalMode = Literal["teacher_forced", "generate"]
+
+
+class EvaluateNode(TypedDict):
+    mode: EvalMode
+
+
+class GenerateNode(TypedDict):
+    max_new_tokens: PositiveInt
+
+
 class EvalSettings(TypedDict, total=False):
     """conf/eval.yaml (`python -m cspexp`)."""
 
@@ -51,6 +64,8 @@ class EvalSettings(TypedDict, total=False):
     cache: Cache
     objective: Objective
     optimized_metrics: list[str] | None
+    evaluate: EvaluateNode
+    generate: GenerateNode
 
 
 class Lora(TypedDict):
@@ -117,6 +132,12 @@ class BenchShape(TypedDict, total=False):
     n_text: PositiveInt
 
 
+class BenchGenerate(TypedDict, total=False):
+    """conf/bench.yaml → generate (`mode=generate`); its `methods` are `_target_` nodes, checked as such."""
+
+    max_new_tokens: PositiveInt
+
+
 class BenchSettings(TypedDict, total=False):
     """conf/bench.yaml (`python -m cspexp.bench`)."""
 
@@ -129,6 +150,8 @@ class BenchSettings(TypedDict, total=False):
     repeats: PositiveInt
     seed: int
     model_shape: BenchShape
+    mode: Literal["prefill", "generate"]
+    generate: BenchGenerate
 
 
 class PromptSettings(TypedDict, total=False):
@@ -136,6 +159,46 @@ class PromptSettings(TypedDict, total=False):
 
     sentence: bool
     answer: bool
+
+
+#: `device` of predict and the demo
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class PredictSettings(TypedDict, total=False):
+    """conf/predict.yaml (`python -m cspexp.predict`)."""
+
+    task_name: str
+    seed: int
+    image: str | None
+    query: str | None
+    queries: str | None
+    sentence: bool | Literal["auto"]
+    out_dir: str
+    device: Device
+    max_pixels: PositiveInt
+    latency: Latency
+    evaluate: EvaluateNode
+    generate: GenerateNode
+
+
+class DemoServer(TypedDict):
+    host: str
+    port: Annotated[int, Range(1, 65535)]
+    share: bool
+    examples: NonNegativeInt
+
+
+class DemoSettings(TypedDict, total=False):
+    """conf/demo.yaml (`python -m cspexp.demo`)."""
+
+    seed: int
+    sentence: bool | Literal["auto"]
+    device: Device
+    latency: Latency
+    evaluate: EvaluateNode
+    generate: GenerateNode
+    demo: DemoServer
 
 
 class LoaderSettings(TypedDict, total=False):
@@ -152,6 +215,8 @@ SETTINGS: dict[str, tuple[type, tuple[str, ...]]] = {
     "train": (TrainSettings, ("dataset", "train.data")),
     "bench": (BenchSettings, ()),
     "prompt": (PromptSettings, ("dataset",)),
+    "predict": (PredictSettings, ()),
+    "demo": (DemoSettings, ()),
 }
 
 

@@ -7,10 +7,12 @@ from cspexp.pruning.methods.dart import Dart
 from cspexp.pruning.methods.divprune import DivPrune
 from cspexp.pruning.methods.fastervlm import FasterVLM
 from cspexp.pruning.methods.fastv import FastV
+from cspexp.pruning.methods.mustdrop import MustDrop
 from cspexp.pruning.methods.norm import NormDrop
 from cspexp.pruning.methods.pdrop import PyramidDrop
 from cspexp.pruning.methods.simple import RandomDrop, UniformDrop
 from cspexp.pruning.methods.sparsevlm import SparseVLM
+from cspexp.pruning.methods.tome import ToMe
 from cspexp.pruning.methods.visionzip import VisionZip
 from cspexp.pruning.methods.vtw import VisualTokenWithdrawal
 
@@ -20,6 +22,7 @@ __all__ = [
     "DivPrune",
     "FasterVLM",
     "FastV",
+    "MustDrop",
     "NoPruning",
     "NormDrop",
     "PruningContext",
@@ -28,6 +31,7 @@ __all__ = [
     "PyramidDrop",
     "RandomDrop",
     "SparseVLM",
+    "ToMe",
     "UniformDrop",
     "VisionZip",
     "VisualTokenWithdrawal",

@@ -25,6 +25,12 @@ class PruningContext:
     final_norm: Any = None  # the LLaMA's final RMSNorm (dart compares states after it); None: not given
     cls_attention: torch.Tensor | None = None  # [B, N] CLIP [CLS] attention at the feature layer
     clip_keys: torch.Tensor | None = None  # [B, N, head_dim] CLIP patch keys at the feature layer, heads averaged
+    # When the vision stage merged cells into n < N tokens (tome; None otherwise): [B, n] the cell each token
+    # stands for (the splice put it there; the other cells are empty until the method's setup drops them),
+    # and [B, N] which of the n tokens holds each cell
+    image_grid: torch.Tensor | None = None
+    image_source: torch.Tensor | None = None
+    clip_shape: Any = None  # `cspexp.models.clip_loop.ClipShape` of the CLIP tower (set by the pipeline; tome's schedule)
     images: list | None = None  # per sample uint8 [H, W, 3] originals (for segmenter-based selection)
     sample_ids: list[int] | None = None  # dataset idx per sample (per-sample seeds)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +55,11 @@ class PruningSpec:
     needs_cls_attention: ClassVar[bool] = False
     #: whether the method needs CLIP's patch keys (`PruningContext.clip_keys`) in the context
     needs_clip_keys: ClassVar[bool] = False
+    #: whether the method changes the vision stage itself (tome merges tokens inside CLIP): the image
+    #: tokens (`count` of them) then come from the bound method's `encode_image`, the feature cache keys
+    #: them by the method's `vision_description()`, and `schedule(clip_shape)` (the tokens merged away
+    #: in each CLIP layer) gives the tower's FLOPs (`cspexp.flops.vision.lisa_vision_flops`)
+    changes_vision: ClassVar[bool] = False
 
     keep: KeepFraction = 1.0
 
@@ -76,7 +87,7 @@ class PruningSpec:
     def needs_images(self) -> bool:
         """Whether the method reads the image itself (CLIP's [CLS] attention or keys, the pixels), not
         only the token states: the benchmark's synthetic prompts have no image to give it."""
-        return self.needs_cls_attention or self.needs_clip_keys
+        return self.needs_cls_attention or self.needs_clip_keys or self.changes_vision
 
     def __getattr__(self, attr: str):
         if attr in ("setup", "before_layer"):
@@ -101,6 +112,8 @@ class PruningMethod:
         self.name = spec.name
         self.needs_cls_attention = spec.needs_cls_attention
         self.needs_clip_keys = spec.needs_clip_keys
+        # an instance attribute: a bound method whose schedule changes nothing (tome at keep 1) is the dense tower
+        self.changes_vision = spec.changes_vision
         self.keep = spec.keep
 
     def setup(self, state, ctx: PruningContext) -> None:
@@ -112,6 +125,19 @@ class PruningMethod:
     def describe(self) -> dict:
         """The spec's parameters, for results.json and tables."""
         return self.spec.describe()
+
+    def check_model(self, model) -> None:
+        """Check what only the loaded model tells (tome: the CLIP tower's depth); raise ConfigError."""
+
+    def vision_description(self) -> dict | None:
+        """What the vision stage depends on besides the model and the images, for the feature cache's
+        keys: None for a method that leaves it alone (`changes_vision` False)."""
+        return None
+
+    def encode_image(self, model, clip_pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The image tokens of a method that `changes_vision` and the per-token tensors that describe them
+        (`cspexp.features.vision.MERGED_FIELDS`)."""
+        raise NotImplementedError(f"prune={self.name} leaves the vision stage to the model")
 
 
 @dataclass(frozen=True)
