@@ -15,7 +15,7 @@ L34-56 ``ToMeBlock``, L66-96 ``ToMeAttention``), in every layer of the vision tr
 cspexp runs this in its own CLIP layer loop (`cspexp.models.clip_loop`) up to LISA's feature layer,
 so the LLM receives N' = ⌈keep·N⌉ patch tokens from its first layer on, each at the grid cell of its
 smallest member, in raster order of those cells. How keep maps to r, and the departures from the
-authors' code: docs/method.md ("tome").
+authors' code: docs/method.md, "`tome` — ToMe (Token Merging)".
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ToMe(PruningSpec):
             method); ``renumber`` — the LLM sees the N' tokens at contiguous RoPE positions, the text
             after them moved up (LLaVA + ToMe: a shorter prompt). On the embedded model, whose LLM was
             trained with 256 image tokens before the text, renumbering costs more than the merging
-            (docs/method.md, "tome").
+            (docs/method.md, "`tome` — ToMe (Token Merging)").
     """
 
     name: ClassVar[str] = "tome"
