@@ -60,3 +60,19 @@ def tiny_random_and_items(n: int = 3):
     ds = ShapesDataset(split="val", n=n)
     loaded = build(OmegaConf.load(CONF_DIR / "model" / "tiny_random.yaml"), words=ShapesDataset.vocabulary())
     return loaded, [ds[i] for i in range(n)]
+
+
+def cli_error_line(tmp_path, *overrides: str) -> str:
+    """Run ``python -m cspexp model=tiny_random logger=none <overrides>`` in `tmp_path`; assert it exits
+    with status 2 and one non-empty line on stderr, and return that line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cspexp", "model=tiny_random", "logger=none", *overrides,
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    return lines[0]

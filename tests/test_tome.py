@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,7 +33,7 @@ from cspexp.utils.errors import ConfigError
 from cspexp.utils.instantiate import build
 
 from conftest import CONF_DIR
-from helpers import tiny_random_and_items
+from helpers import cli_error_line, tiny_random_and_items
 
 L, N = 8, 256  # tiny_random: 8 decoder layers, a 16×16 grid; its CLIP runs 2 layers to layer −2
 
@@ -422,11 +419,5 @@ def test_d_bad_values_are_one_config_error(kwargs, message):
 
 
 def test_d_cli_too_small_a_keep_is_one_line(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "cspexp", "model=tiny_random", "logger=none", "prune=tome",
-                           "prune.keep=0.1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "prune.keep=0.1 asks for 26 of 256 image tokens" in lines[0], proc.stderr
-    assert "keep must be at least 0.25 (64 tokens)" in lines[0]
+    line = cli_error_line(tmp_path, "prune=tome", "prune.keep=0.1")
+    assert "prune.keep=0.1 asks for 26 of 256 image tokens" in line and "keep must be at least 0.25 (64 tokens)" in line
